@@ -1,0 +1,58 @@
+"""The `optimization` config section: advantage estimation, divergence control, TPRL."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+ADVANTAGE_ESTIMATOR_NAMES = ("gae", "grpo", "rloo", "remax", "reinforce_plus_plus")
+DIVERGENCE_PENALTY_NAMES = ("kl", "abs", "mse", "low_var_kl")
+DEPENDENCY_ESTIMATOR_NAMES = ("sampled_k3", "full_kl")
+FILTER_SCOPE_NAMES = ("sequence", "batch")
+
+
+@dataclass
+class OptimizationConfig:
+    # Return / advantage estimation.
+    gamma: float = 1.0
+    lam: float = 0.95
+    advantage_estimator: str = "gae"
+    norm_adv_by_std_in_grpo: bool = True
+
+    # Divergence from the reference policy: as a reward penalty (default) or as a loss term.
+    disable_divergence: bool = False
+    use_divergence_loss: bool = False
+    divergence_penalty: str = "kl"
+    divergence_coef: float = 0.01
+    divergence_type: str = "fixed"
+    divergence_target: float = 6.0
+    divergence_horizon: float = 10000.0
+
+    # Online filtering: drop prompt groups whose mean `filter_key` reward is outside [low, high].
+    online_filtering: bool = False
+    filter_key: str = "overall"
+    filter_low: float = 0.01
+    filter_high: float = 0.99
+    max_filter_tries: int = 4
+
+    # TPRL token gradient filtering (TGF).
+    enable_entropy_filtering: bool = False
+    top_p_entropy_tokens: float = 0.2
+    enable_perception_filtering: bool = False
+    top_p_perception_tokens: float = 0.2
+    filter_scope: str = "sequence"
+
+    # TPRL perception pass: patch blackening of every image, then token visual dependency.
+    dependency_estimator: str = "sampled_k3"
+    perception_patch_size: int = 14
+    perception_mask_prob: float = 0.5
+
+    # TPRL trajectory advantage shaping (TAS).
+    enable_trajectory_reweighting: bool = False
+    trajectory_scaling_min: float = 0.8
+    trajectory_scaling_max: Optional[float] = None
+
+    use_entropy_penalty: bool = False
+    entropy_penalty_coef: float = 0.06
+
+    @property
+    def needs_perception_pass(self) -> bool:
+        return self.enable_perception_filtering or self.enable_trajectory_reweighting

@@ -1,0 +1,384 @@
+"""The root config: one dataclass per section, merged as defaults < `config=` YAML < dotted overrides.
+
+`load_config(argv)` is the only way the entry point builds a config. Every user mistake it can
+detect (unknown key, wrong type, out-of-range value, batch sizes that do not divide) raises
+`ConfigError`, whose message names the full dotted key and what is allowed.
+"""
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mtrl.optimization.config import (
+    ADVANTAGE_ESTIMATOR_NAMES,
+    DEPENDENCY_ESTIMATOR_NAMES,
+    DIVERGENCE_PENALTY_NAMES,
+    FILTER_SCOPE_NAMES,
+    OptimizationConfig,
+)
+from mtrl.workers.config import (
+    LOSS_AGG_MODES,
+    LR_SCHEDULER_TYPES,
+    MIXED_PRECISION_DTYPES,
+    PEFT_TYPES,
+    REWARD_TYPES,
+    ROLLOUT_ENGINE_NAMES,
+    SHARDING_STRATEGIES,
+    WorkerConfig,
+)
+
+LOGGER_NAMES = ("console", "file", "wandb", "mlflow", "tensorboard")
+DEVICE_NAMES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message is meant to be printed as is."""
+
+
+@dataclass
+class DatasetConfig:
+    train_files: str = ""
+    val_files: str = ""
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    video_key: str = "videos"
+    image_dir: Optional[str] = None
+    video_fps: float = 2.0
+    min_pixels: int = 262144
+    max_pixels: int = 4194304
+    max_prompt_length: int = 512
+    max_response_length: int = 512
+    rollout_batch_size: int = 256
+    val_batch_size: int = 64
+    shuffle: bool = True
+    seed: int = 42
+    filter_overlong_prompts: bool = True
+    format_prompt: Optional[str] = None
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class TrainingConfig:
+    total_epochs: int = 10
+    max_steps: Optional[int] = None
+    project_name: str = "mtrl_training"
+    experiment_name: str = "default"
+    logger: List[str] = field(default_factory=lambda: ["console", "file"])
+    nnodes: int = 1
+    n_gpus_per_node: int = 8
+    device: str = "auto"
+    seed: int = 1
+    save_freq: int = 500
+    save_limit: Optional[int] = None
+    # None: checkpoints/{project_name}/{experiment_name}. This folder is also the run directory
+    # (resolved config, metrics.jsonl, plots).
+    save_checkpoint_path: Optional[str] = None
+    val_freq: int = 100
+    val_before_train: bool = True
+    val_only: bool = False
+    load_checkpoint_path: Optional[str] = None
+    find_last_checkpoint: bool = True
+    val_generations_to_log: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.n_gpus_per_node
+
+    @property
+    def run_dir(self) -> str:
+        return self.save_checkpoint_path or os.path.join("checkpoints", self.project_name, self.experiment_name)
+
+
+@dataclass
+class MTRLConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    # Directory of the `config=` YAML; relative paths in the config (reward_fn_path) resolve here first.
+    config_dir: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    for f in fields(node):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            keys.extend(_all_keys(value, dotted + "."))
+    return keys
+
+
+def _unknown_key_message(full_key: str) -> str:
+    known = [k for k in _all_keys(MTRLConfig()) if k != "config_dir"]
+    parts = full_key.split(".")
+    # Suggest per path component, so `optimizaton.x` points at `optimization`.
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        if not any(k == prefix or k.startswith(prefix + ".") for k in known):
+            parent = ".".join(parts[: depth - 1])
+            siblings = sorted({k[len(parent) + 1 if parent else 0:].split(".")[0]
+                               for k in known if not parent or k.startswith(parent + ".")})
+            close = difflib.get_close_matches(parts[depth - 1], siblings, n=3, cutoff=0.6)
+            where = f"under `{parent}`" if parent else "at the top level"
+            hint = f" Did you mean `{'.'.join(parts[:depth - 1] + [close[0]])}`?" if close else ""
+            return (f"Unknown config key `{full_key}`: `{prefix}` does not exist.{hint} "
+                    f"Keys {where}: {', '.join(siblings)}.")
+    return f"Unknown config key `{full_key}`."
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{source}: {_unknown_key_message(e.full_key)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{source}: `{e.full_key}` has the wrong type: {e.msg.splitlines()[0]}.") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_args(argv: Sequence[str]) -> tuple:
+    """Split `config=FILE` from dotted `key=value` overrides."""
+    config_file, overrides = None, []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"Argument `{arg}` is not of the form key=value (for example "
+                              f"`config=configs/quickstart.yaml` or `worker.rollout.n=4`).")
+        key, value = arg.split("=", 1)
+        if key == "config":
+            config_file = value
+        else:
+            overrides.append(arg)
+    return config_file, overrides
+
+
+def load_config(argv: Sequence[str] = ()) -> MTRLConfig:
+    """Build and validate the config from command-line style arguments."""
+    config_file, overrides = parse_args(argv)
+    merged = OmegaConf.structured(MTRLConfig)
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config={config_file}: no such file.")
+        try:
+            yaml_cfg = OmegaConf.load(config_file)
+        except Exception as e:  # the YAML parser's own message says where
+            raise ConfigError(f"config={config_file}: not valid YAML: {e}") from None
+        if not isinstance(yaml_cfg, DictConfig):
+            raise ConfigError(f"config={config_file}: the top level must be a mapping of sections.")
+        merged = _merge(merged, yaml_cfg, config_file)
+        merged.config_dir = os.path.dirname(os.path.abspath(config_file))
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except Exception as e:
+            raise ConfigError(f"command line: could not parse overrides {list(overrides)}: {e}") from None
+        merged = _merge(merged, dotlist, "command line")
+    try:
+        config: MTRLConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e)) from None
+    validate_config(config)
+    return config
+
+
+def config_to_yaml(config: MTRLConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed if a is not None], n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"`{key}` = {value!r} is not allowed. Allowed values: {shown}.{hint}")
+
+
+def _range(key: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"`{key}` = {value} is out of range; allowed: {lo}{low}, {high}{hi}.")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"`{key}` = {value} must be > 0.")
+
+
+def validate_config(config: MTRLConfig) -> None:
+    d, t, o, w = config.dataset, config.training, config.optimization, config.worker
+    a, c, r = w.actor, w.critic, w.rollout
+
+    _choice("optimization.advantage_estimator", o.advantage_estimator, ADVANTAGE_ESTIMATOR_NAMES)
+    _choice("optimization.divergence_penalty", o.divergence_penalty, DIVERGENCE_PENALTY_NAMES)
+    _choice("optimization.divergence_type", o.divergence_type, ("fixed", "adaptive"))
+    _choice("optimization.dependency_estimator", o.dependency_estimator, DEPENDENCY_ESTIMATOR_NAMES)
+    _choice("optimization.filter_scope", o.filter_scope, FILTER_SCOPE_NAMES)
+    _choice("worker.rollout.name", r.name, ROLLOUT_ENGINE_NAMES)
+    _choice("worker.reward.reward_type", w.reward.reward_type, REWARD_TYPES)
+    _choice("training.device", t.device, DEVICE_NAMES)
+    for name in t.logger:
+        _choice("training.logger", name, LOGGER_NAMES)
+    for section, cfg in (("worker.actor", a), ("worker.critic", c)):
+        _choice(f"{section}.loss_agg_mode", cfg.loss_agg_mode, LOSS_AGG_MODES)
+        _choice(f"{section}.fsdp.sharding_strategy", cfg.fsdp.sharding_strategy, SHARDING_STRATEGIES)
+        _choice(f"{section}.fsdp.mixed_precision_dtype", cfg.fsdp.mixed_precision_dtype, MIXED_PRECISION_DTYPES)
+        _choice(f"{section}.model.peft_type", cfg.model.peft_type, PEFT_TYPES)
+        _choice(f"{section}.optim.lr_scheduler_type", cfg.optim.lr_scheduler_type, LR_SCHEDULER_TYPES)
+        _positive(f"{section}.optim.lr", cfg.optim.lr)
+        _positive(f"{section}.max_grad_norm", cfg.max_grad_norm)
+        _positive(f"{section}.ppo_epochs", cfg.ppo_epochs)
+        _positive(f"{section}.max_token_len_per_device", cfg.max_token_len_per_device)
+        if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+            raise ConfigError(f"`{section}.optim.betas` = {cfg.optim.betas} must be two numbers in [0, 1).")
+
+    for key in ("top_p_entropy_tokens", "top_p_perception_tokens", "trajectory_scaling_min"):
+        _range(f"optimization.{key}", getattr(o, key), 0, 1, low_open=True)
+    _range("optimization.perception_mask_prob", o.perception_mask_prob, 0, 1, low_open=True, high_open=True)
+    _positive("optimization.perception_patch_size", o.perception_patch_size)
+    if o.trajectory_scaling_max is not None and o.trajectory_scaling_max < o.trajectory_scaling_min:
+        raise ConfigError(f"`optimization.trajectory_scaling_max` = {o.trajectory_scaling_max} must be >= "
+                          f"`optimization.trajectory_scaling_min` = {o.trajectory_scaling_min} (or null).")
+    _range("optimization.gamma", o.gamma, 0, 1)
+    _range("optimization.lam", o.lam, 0, 1)
+    _range("optimization.filter_low", o.filter_low, 0, 1)
+    _range("optimization.filter_high", o.filter_high, 0, 1)
+    if o.filter_low > o.filter_high:
+        raise ConfigError("`optimization.filter_low` must be <= `optimization.filter_high`.")
+    _positive("optimization.max_filter_tries", o.max_filter_tries)
+    if o.divergence_coef < 0:
+        raise ConfigError(f"`optimization.divergence_coef` = {o.divergence_coef} must be >= 0.")
+    _positive("optimization.divergence_horizon", o.divergence_horizon)
+    if o.entropy_penalty_coef < 0:
+        raise ConfigError(f"`optimization.entropy_penalty_coef` = {o.entropy_penalty_coef} must be >= 0.")
+
+    _positive("worker.actor.clip_ratio_low", a.clip_ratio_low)
+    _positive("worker.actor.clip_ratio_high", a.clip_ratio_high)
+    if a.clip_ratio_dual <= 1:
+        raise ConfigError(f"`worker.actor.clip_ratio_dual` = {a.clip_ratio_dual} must be > 1.")
+    _positive("worker.critic.cliprange_value", c.cliprange_value)
+
+    _positive("worker.rollout.n", r.n)
+    _range("worker.rollout.temperature", r.temperature, 0, 100)
+    _range("worker.rollout.top_p", r.top_p, 0, 1, low_open=True)
+    _range("worker.rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0, 1, low_open=True)
+    _positive("worker.rollout.val_override.n", r.val_override.n)
+    _range("worker.rollout.val_override.top_p", r.val_override.top_p, 0, 1, low_open=True)
+    _range("worker.rollout.val_override.temperature", r.val_override.temperature, 0, 100)
+    if r.max_new_tokens is not None:
+        _positive("worker.rollout.max_new_tokens", r.max_new_tokens)
+    if o.advantage_estimator in ("grpo", "rloo") and r.n < 2 and not t.val_only:
+        raise ConfigError(f"`optimization.advantage_estimator` = {o.advantage_estimator} compares responses to "
+                          f"the same prompt and needs `worker.rollout.n` >= 2 (got {r.n}).")
+
+    for key in ("max_prompt_length", "max_response_length", "min_pixels", "max_pixels"):
+        _positive(f"dataset.{key}", getattr(d, key))
+    if d.min_pixels > d.max_pixels:
+        raise ConfigError("`dataset.min_pixels` must be <= `dataset.max_pixels`.")
+    _positive("dataset.rollout_batch_size", d.rollout_batch_size)
+    if d.val_batch_size != -1:
+        _positive("dataset.val_batch_size (or -1 for all)", d.val_batch_size)
+    _positive("training.nnodes", t.nnodes)
+    _positive("training.n_gpus_per_node", t.n_gpus_per_node)
+    _positive("training.total_epochs", t.total_epochs)
+    if t.max_steps is not None:
+        _positive("training.max_steps", t.max_steps)
+    _positive("training.save_freq (or -1 to save only at the end)", t.save_freq if t.save_freq != -1 else 1)
+    _positive("training.val_freq (or -1 to validate only at the end)", t.val_freq if t.val_freq != -1 else 1)
+    if t.save_limit is not None:
+        _positive("training.save_limit", t.save_limit)
+
+    if t.val_only:
+        if not d.val_files:
+            raise ConfigError("`training.val_only` = true needs `dataset.val_files`.")
+        return
+    if not d.train_files:
+        raise ConfigError("`dataset.train_files` is empty: give one or more comma-separated files.")
+    _validate_batch_sizes(config)
+
+
+def _validate_batch_sizes(config: MTRLConfig) -> None:
+    d, t, w = config.dataset, config.training, config.worker
+    world, n = t.world_size, w.rollout.n
+    roles = [("worker.actor", w.actor)]
+    if config.optimization.advantage_estimator == "gae":
+        roles.append(("worker.critic", w.critic))
+    for section, cfg in roles:
+        _positive(f"{section}.global_batch_size", cfg.global_batch_size)
+        _positive(f"{section}.micro_batch_size_per_device_for_update", cfg.micro_batch_size_per_device_for_update)
+        _positive(f"{section}.micro_batch_size_per_device_for_experience",
+                  cfg.micro_batch_size_per_device_for_experience)
+        if d.rollout_batch_size % cfg.global_batch_size != 0:
+            raise ConfigError(f"`dataset.rollout_batch_size` = {d.rollout_batch_size} must be a multiple of "
+                              f"`{section}.global_batch_size` = {cfg.global_batch_size}.")
+        samples = cfg.global_batch_size * n
+        if samples % world != 0:
+            raise ConfigError(f"`{section}.global_batch_size` x `worker.rollout.n` = {samples} samples per "
+                              f"mini-batch must divide evenly over {world} workers "
+                              f"(`training.nnodes` x `training.n_gpus_per_node`).")
+        per_device = samples // world
+        if not cfg.dynamic_batching and per_device % cfg.micro_batch_size_per_device_for_update != 0:
+            raise ConfigError(f"{per_device} samples per worker per mini-batch is not a multiple of "
+                              f"`{section}.micro_batch_size_per_device_for_update` = "
+                              f"{cfg.micro_batch_size_per_device_for_update}.")
+    if d.rollout_batch_size * n < world:
+        raise ConfigError(f"`dataset.rollout_batch_size` x `worker.rollout.n` = {d.rollout_batch_size * n} is "
+                          f"smaller than the {world} workers.")
+
+
+def to_plain_dict(node: Any) -> Any:
+    """Config -> plain Python containers (for trackers and hashing)."""
+    if is_dataclass(node):
+        return {f.name: to_plain_dict(getattr(node, f.name)) for f in fields(node)}
+    if isinstance(node, (list, tuple, ListConfig)):
+        return [to_plain_dict(v) for v in node]
+    if isinstance(node, (dict, DictConfig)):
+        return {k: to_plain_dict(v) for k, v in node.items()}
+    return node
+
+
+def config_reference_markdown() -> str:
+    """docs/CONFIG.md: every key with its type and default, generated from the dataclasses."""
+    lines = ["# Config reference", "",
+             "Generated from the dataclasses by `python -m mtrl.training.training_config > docs/CONFIG.md`.",
+             "Precedence: defaults < `config=` YAML < dotted command-line overrides.", ""]
+
+    def walk(node: Any, prefix: str) -> None:
+        rows = []
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                continue
+            if f.name == "config_dir":
+                continue
+            type_name = str(f.type).replace("typing.", "") if hasattr(f.type, "__args__") else f.type.__name__
+            shown = json.dumps(to_plain_dict(value))
+            rows.append(f"| `{prefix}{f.name}` | {type_name} | `{shown}` |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.')}`", "", "| key | type | default |", "|---|---|---|", *rows, ""])
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(MTRLConfig(), "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -1,0 +1,142 @@
+"""The `worker` config section: actor, critic, reference policy, rollout engine, reward."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+MIXED_PRECISION_DTYPES = ("bf16", "fp16", "fp32")
+PEFT_TYPES = (None, "lora", "qlora")
+LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ROLLOUT_ENGINE_NAMES = ("hf", "vllm")
+REWARD_TYPES = ("function", "model")
+
+
+@dataclass
+class ModelConfig:
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    trust_remote_code: bool = False
+    enable_gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+    freeze_vision_tower: bool = False
+    peft_type: Optional[str] = None
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant_with_warmup"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclass
+class FSDPConfig:
+    sharding_strategy: str = "FULL_SHARD"
+    mixed_precision_dtype: str = "bf16"
+    cpu_offload: bool = False
+
+
+@dataclass
+class OffloadConfig:
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ActorConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    # Prompts per PPO mini-batch (each brings `rollout.n` responses), as in verl and EasyR1.
+    global_batch_size: int = 256
+    micro_batch_size_per_device_for_update: int = 2
+    micro_batch_size_per_device_for_experience: int = 8
+    ppo_epochs: int = 1
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.3
+    clip_ratio_dual: float = 3.0
+    max_grad_norm: float = 1.0
+    loss_agg_mode: str = "token-mean"
+    padding_free: bool = True
+    dynamic_batching: bool = True
+    max_token_len_per_device: int = 16384
+    ulysses_size: int = 1
+    use_torch_compile: bool = False
+
+
+@dataclass
+class CriticConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    global_batch_size: int = 256
+    micro_batch_size_per_device_for_update: int = 2
+    micro_batch_size_per_device_for_experience: int = 8
+    ppo_epochs: int = 1
+    cliprange_value: float = 0.5
+    max_grad_norm: float = 1.0
+    loss_agg_mode: str = "token-mean"
+    padding_free: bool = True
+    dynamic_batching: bool = True
+    max_token_len_per_device: int = 16384
+
+
+@dataclass
+class RefConfig:
+    # Keep the frozen reference weights on CPU between reference passes.
+    offload_params: bool = False
+    micro_batch_size_per_device_for_experience: int = 8
+
+
+@dataclass
+class ValOverrideConfig:
+    temperature: float = 0.0
+    n: int = 1
+    top_p: float = 1.0
+    top_k: int = -1
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "hf"
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    # None: dataset.max_response_length.
+    max_new_tokens: Optional[int] = None
+    gpu_memory_utilization: float = 0.4
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = False
+    # Prompts per generate call on each worker; the HF engine pads within a call.
+    micro_batch_size_per_device: int = 16
+    val_override: ValOverrideConfig = field(default_factory=ValOverrideConfig)
+
+
+@dataclass
+class RewardConfig:
+    reward_type: str = "function"
+    reward_fn_path: Optional[str] = None
+    reward_fn_kwargs: Dict[str, Any] = field(default_factory=dict)
+    num_cpus: int = 1
+    reward_model_path: Optional[str] = None
+    timeout_s: float = 300.0
+
+
+@dataclass
+class WorkerConfig:
+    hybrid_engine: bool = True
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
