@@ -1,0 +1,1 @@
+"""RL math (`policy_optimization`) and the `optimization` config section (`config`)."""
