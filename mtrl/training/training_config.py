@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from mtrl.utils.errors import UserError
+from mtrl.utils.tracking import LOGGER_NAMES
 from mtrl.optimization.config import (
     ADVANTAGE_ESTIMATOR_NAMES,
     DEPENDENCY_ESTIMATOR_NAMES,
@@ -32,11 +34,10 @@ from mtrl.workers.config import (
     WorkerConfig,
 )
 
-LOGGER_NAMES = ("console", "file", "wandb", "mlflow", "tensorboard")
 DEVICE_NAMES = ("auto", "cuda", "cpu")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in the configuration; the message is meant to be printed as is."""
 
 
@@ -61,6 +62,9 @@ class DatasetConfig:
     filter_overlong_prompts: bool = True
     format_prompt: Optional[str] = None
     system_prompt: Optional[str] = None
+    # "shapes" (or "shapes:easy|medium|hard"): generate the built-in perception task into the folder of
+    # train_files / val_files when they are missing.
+    generate_if_missing: Optional[str] = None
 
 
 @dataclass
@@ -273,6 +277,8 @@ def validate_config(config: MTRLConfig) -> None:
         raise ConfigError(f"`worker.actor.clip_ratio_dual` = {a.clip_ratio_dual} must be > 1.")
     _positive("worker.critic.cliprange_value", c.cliprange_value)
 
+    _positive("worker.reward.num_cpus", w.reward.num_cpus)
+    _positive("worker.reward.timeout_s", w.reward.timeout_s)
     _positive("worker.rollout.n", r.n)
     _range("worker.rollout.temperature", r.temperature, 0, 100)
     _range("worker.rollout.top_p", r.top_p, 0, 1, low_open=True)

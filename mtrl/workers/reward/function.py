@@ -1,0 +1,329 @@
+"""Loading a user reward function from a file and calling it with checked inputs and outputs.
+
+A reward file is plain Python (it does not need to import MTRL). `worker.reward.reward_fn_path` names it
+as `file.py` (function `reward_function`) or `file.py:function`. A relative path is looked up in the
+config file's folder first, then in the working directory. `worker.reward.reward_fn_kwargs` are passed
+to every call as keyword arguments.
+
+Two forms are accepted:
+
+* Per-sample (the default)::
+
+      def reward_function(data_dict, **kwargs) -> tuple[float, dict[str, float]]
+
+  `data_dict` has `prompt`, `response`, `ground_truth` ("" when the dataset has no answer) and
+  `images` (a list of PIL images, possibly empty). A bare number is accepted as `(number, {})`.
+
+* Batch form, declared by setting the attribute ``batched = True`` on the function, or by naming it
+  ``batch_reward_function``::
+
+      def reward_function(data_dicts, **kwargs): ...
+      reward_function.batched = True
+
+  It receives a list of data_dicts and returns either a list of `(float, dict)` (one per sample, in
+  order) or the columnar `(list_of_floats, dict_of_lists)`. A plain list of numbers also works.
+  Under Ray each reward actor calls it on its own contiguous chunk of the batch, not on the whole
+  batch (use `worker.reward.num_cpus: 1` when the function must see everything at once).
+  Signature inspection is deliberately not used: both forms take one positional argument.
+
+When only a file is given, `reward_function` is looked up first and `batch_reward_function` second.
+
+Every sample must give the same metric names; metric values and rewards must be finite real numbers.
+`overall` is reserved (it is the name under which the reward itself is logged: `reward/overall`).
+Any violation, and any exception raised by the function, is a `RewardError` that names the file, the
+function and the sample (its row index in the batch and short prompt / response excerpts).
+
+While the file is imported, its folder is first on `sys.path`, so it can import helper modules
+sitting next to it (`reward_fns/format_accuracy.py` imports `math_answer` this way).
+"""
+
+import hashlib
+import importlib.util
+import inspect
+import math
+import numbers
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mtrl.utils.errors import UserError
+
+DEFAULT_FUNCTION_NAMES = ("reward_function", "batch_reward_function")
+RESERVED_METRIC_NAMES = ("overall",)
+
+Scores = List[float]
+Metrics = Dict[str, List[float]]
+
+
+class RewardError(UserError, RuntimeError):
+    """A reward function could not be loaded or gave an unusable result; the message is for the user."""
+
+
+# ----------------------------------------------------------------------------- locating the file
+
+
+def parse_reward_fn_path(spec: str) -> Tuple[str, Optional[str]]:
+    """`"file.py:function"` -> `("file.py", "function")`; `"file.py"` -> `("file.py", None)`.
+
+    Splits on the last colon only when what follows is a Python identifier, so a Windows drive
+    letter (`C:\\rewards\\r.py`) is not mistaken for a function name.
+    """
+    path, sep, name = spec.rpartition(":")
+    if sep and path and name.isidentifier():
+        return path, name
+    return spec, None
+
+
+def resolve_reward_file(path: str, config_dir: Optional[str] = None) -> str:
+    """Absolute path of the reward file: as given when absolute, else config_dir first, then the cwd."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        candidates = [path]
+    else:
+        candidates = ([os.path.join(config_dir, path)] if config_dir else []) + [os.path.join(os.getcwd(), path)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    looked = ", ".join(os.path.abspath(c) for c in candidates)
+    raise RewardError(f"worker.reward.reward_fn_path: reward file {path!r} not found (looked at: {looked}).")
+
+
+# ----------------------------------------------------------------------------- importing it
+
+
+def _module_name(file: str) -> str:
+    # Unique per absolute path: two `reward.py` in different folders must not replace each other
+    # in sys.modules (pickle and dataclasses look classes up there by module name).
+    stem = "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(file))[0])
+    digest = hashlib.sha1(file.encode()).hexdigest()[:10]
+    return f"_mtrl_reward_{stem}_{digest}"
+
+
+def _where_in_file(tb: Any, file: str) -> str:
+    """' (line N: `code`)' for the innermost traceback frame inside `file`, or ''."""
+    frames = [f for f in traceback.extract_tb(tb) if os.path.abspath(f.filename) == file]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f": `{frame.line.strip()}`" if frame.line else ""
+    return f" (line {frame.lineno}{code})"
+
+
+def load_module(file: str) -> Any:
+    """Import `file` as a fresh module; syntax and import errors become `RewardError`s naming the line."""
+    name = _module_name(file)
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise RewardError(f"Reward file {file}: cannot be imported as Python source.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    folder = os.path.dirname(file)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        sys.modules.pop(name, None)
+        line = (e.text or "").rstrip("\n")
+        caret = f"\n    {' ' * max((e.offset or 1) - 1, 0)}^" if line and e.offset else ""
+        shown = f"\n    {line}{caret}" if line else ""
+        raise RewardError(f"Reward file {e.filename or file}, line {e.lineno}: syntax error: {e.msg}{shown}") from None
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise RewardError(f"Reward file {file} failed while being imported: "
+                          f"{type(e).__name__}: {e}{_where_in_file(e.__traceback__, file)}") from e
+    finally:
+        # Only while importing: a lasting entry would let this folder shadow other modules.
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module
+
+
+def _functions_defined_in(module: Any) -> List[str]:
+    return sorted(n for n, v in vars(module).items()
+                  if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_"))
+
+
+def _check_kwargs(fn: Callable, kwargs: Dict[str, Any], label: str) -> None:
+    """Fail at load time, not at the first batch, when reward_fn_kwargs do not fit the signature."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return
+    try:
+        signature.bind({}, **kwargs)
+    except TypeError as e:
+        raise RewardError(f"Reward function {label}{signature} cannot be called with one data argument and "
+                          f"worker.reward.reward_fn_kwargs={kwargs}: {e}.") from None
+
+
+def load_reward_function(reward_fn_path: str, config_dir: Optional[str] = None,
+                         kwargs: Optional[Dict[str, Any]] = None) -> "RewardFunction":
+    """Load `file.py` or `file.py:function` (see the module docstring for lookup and forms)."""
+    path, name = parse_reward_fn_path(reward_fn_path)
+    file = resolve_reward_file(path, config_dir)
+    module = load_module(file)
+    names = (name,) if name else DEFAULT_FUNCTION_NAMES
+    found = next((n for n in names if hasattr(module, n)), None)
+    if found is None:
+        defined = _functions_defined_in(module)
+        wanted = " or ".join(f"`{n}`" for n in names)
+        raise RewardError(f"Reward file {file} has no function {wanted}; functions it defines: "
+                          f"{', '.join(defined) if defined else '(none)'}. "
+                          f"Use worker.reward.reward_fn_path=file.py:function_name to pick one.")
+    fn = getattr(module, found)
+    label = f"{file}:{found}"
+    if not callable(fn):
+        raise RewardError(f"Reward function {label} is a {type(fn).__name__}, not a function.")
+    kwargs = dict(kwargs or {})
+    _check_kwargs(fn, kwargs, label)
+    batched = bool(getattr(fn, "batched", False)) or found == "batch_reward_function"
+    return RewardFunction(fn=fn, file=file, name=found, batched=batched, kwargs=kwargs)
+
+
+# ----------------------------------------------------------------------------- calling it
+
+
+def _excerpt(text: Any, width: int = 60) -> str:
+    """Short one-line repr of `text`, keeping its start and its end (answers usually come last)."""
+    text = " ".join(str(text).split())
+    if len(text) > width:
+        half = width // 2
+        text = f"{text[:half]} ... {text[-half:]}"
+    return repr(text)
+
+
+def _real(value: Any) -> Optional[float]:
+    """`value` as a float when it is a real number (bool, int, float, numpy / 0-d torch scalar), else None."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # numpy / torch 0-d
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) else None
+    return None
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], dict)
+
+
+@dataclass
+class RewardFunction:
+    """A loaded reward function plus where it came from; call it on a list of data_dicts."""
+
+    fn: Callable
+    file: str
+    name: str
+    batched: bool = False
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.file}:{self.name}"
+
+    def __call__(self, samples: Sequence[Dict[str, Any]], offset: int = 0) -> Tuple[Scores, Metrics]:
+        """Score `samples`; `offset` is the row index of samples[0] in the whole batch (for messages).
+
+        Returns (scores, metrics) with one float per sample and one list of floats per metric name.
+        """
+        if not samples:
+            return [], {}
+        rows = self._call_batched(samples, offset) if self.batched else self._call_per_sample(samples, offset)
+        return self._collect(rows, samples, offset)
+
+    # -- calling
+
+    def _call_per_sample(self, samples: Sequence[Dict[str, Any]], offset: int) -> List[Tuple[float, Dict]]:
+        rows = []
+        for i, sample in enumerate(samples):
+            try:
+                result = self.fn(sample, **self.kwargs)
+            except Exception as e:
+                raise RewardError(f"Reward function {self.label} raised {type(e).__name__}: {e}"
+                                  f"{_where_in_file(e.__traceback__, self.file)} "
+                                  f"on {self._sample(samples, offset, i)}.") from e
+            rows.append(self._check_pair(result, samples, offset, i))
+        return rows
+
+    def _call_batched(self, samples: Sequence[Dict[str, Any]], offset: int) -> List[Tuple[float, Dict]]:
+        try:
+            result = self.fn(list(samples), **self.kwargs)
+        except Exception as e:
+            last = offset + len(samples) - 1
+            raise RewardError(f"Reward function {self.label} (batch form) raised {type(e).__name__}: {e}"
+                              f"{_where_in_file(e.__traceback__, self.file)} on samples {offset}..{last} "
+                              f"(first: {self._sample(samples, offset, 0)}).") from e
+        n = len(samples)
+        expected = ("a list of (reward, metrics) pairs, (list of rewards, dict of metric lists) or a list of "
+                    f"rewards, with one entry per sample ({n})")
+        if _is_pair(result) and _real(result[0]) is None and hasattr(result[0], "__len__"):
+            # Columnar: (rewards, {name: values}). A row-form result never has a dict second element.
+            return self._columns_to_rows(result, samples, offset, expected)
+        if not isinstance(result, (list, tuple)) and not hasattr(result, "tolist"):
+            raise RewardError(f"Reward function {self.label} (batch form) returned {type(result).__name__}; "
+                              f"expected {expected}.")
+        result = result.tolist() if hasattr(result, "tolist") else list(result)
+        if len(result) != n:
+            raise RewardError(f"Reward function {self.label} (batch form) returned {len(result)} results for "
+                              f"{n} samples (samples {offset}..{offset + n - 1}); expected {expected}.")
+        return [self._check_pair(r, samples, offset, i) for i, r in enumerate(result)]
+
+    def _columns_to_rows(self, result: Tuple, samples: Sequence[Dict], offset: int,
+                         expected: str) -> List[Tuple[float, Dict]]:
+        scores, metrics = result
+        scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
+        n = len(samples)
+        bad = {k: len(v) for k, v in metrics.items() if not hasattr(v, "__len__") or len(v) != n}
+        if len(scores) != n or bad:
+            raise RewardError(f"Reward function {self.label} (batch form) returned {len(scores)} rewards and "
+                              f"metric lists of lengths {bad or 'ok'} for {n} samples; expected {expected}.")
+        rows = [(scores[i], {k: v[i] for k, v in metrics.items()}) for i in range(n)]
+        return [self._check_pair(r, samples, offset, i) for i, r in enumerate(rows)]
+
+    # -- checking
+
+    def _sample(self, samples: Sequence[Dict[str, Any]], offset: int, i: int) -> str:
+        s = samples[i]
+        prompt, response = _excerpt(s.get("prompt", "")), _excerpt(s.get("response", ""))
+        return f"sample {offset + i} (prompt: {prompt}, response: {response})"
+
+    def _check_pair(self, result: Any, samples: Sequence[Dict], offset: int, i: int) -> Tuple[float, Dict]:
+        """One sample's result -> (finite float, {name: finite float}), or a RewardError naming the sample."""
+        if _real(result) is not None:
+            result = (result, {})
+        if not _is_pair(result):
+            shown = repr(result)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise RewardError(f"Reward function {self.label} must return (reward: float, metrics: dict); got "
+                              f"{type(result).__name__} {shown} for {self._sample(samples, offset, i)}.")
+        score = _real(result[0])
+        if score is None:
+            raise RewardError(f"Reward function {self.label} returned a reward of type {type(result[0]).__name__} "
+                              f"({result[0]!r}); it must be a real number. On {self._sample(samples, offset, i)}.")
+        if not math.isfinite(score):
+            raise RewardError(f"Reward function {self.label} returned a non-finite reward {score} "
+                              f"for {self._sample(samples, offset, i)}.")
+        metrics = {}
+        for key, value in result[1].items():
+            number = _real(value)
+            if not isinstance(key, str) or key in RESERVED_METRIC_NAMES:
+                raise RewardError(f"Reward function {self.label} returned metric name {key!r}: names must be strings "
+                                  f"other than {RESERVED_METRIC_NAMES} (the reward itself is logged as "
+                                  f"reward/overall). On {self._sample(samples, offset, i)}.")
+            if number is None or not math.isfinite(number):
+                raise RewardError(f"Reward function {self.label} returned metric {key!r} = {value!r}; metric values "
+                                  f"must be finite real numbers. On {self._sample(samples, offset, i)}.")
+            metrics[key] = number
+        return score, metrics
+
+    def _collect(self, rows: List[Tuple[float, Dict]], samples: Sequence[Dict], offset: int) -> Tuple[Scores, Metrics]:
+        names = list(rows[0][1])
+        for i, (_, m) in enumerate(rows):
+            if set(m) != set(names):
+                raise RewardError(f"Reward function {self.label} must return the same metric names for every "
+                                  f"sample: sample {offset} gave {sorted(names)}, {self._sample(samples, offset, i)} "
+                                  f"gave {sorted(m)}.")
+        return [s for s, _ in rows], {k: [m[k] for _, m in rows] for k in names}
