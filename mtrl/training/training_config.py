@@ -43,8 +43,8 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class DatasetConfig:
-    train_files: str = ""
-    val_files: str = ""
+    train_files: Optional[str] = ""
+    val_files: Optional[str] = ""
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     image_key: str = "images"
@@ -192,6 +192,8 @@ def load_config(argv: Sequence[str] = ()) -> MTRLConfig:
         config: MTRLConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(str(e)) from None
+    if config.worker.critic.global_batch_size is None:
+        config.worker.critic.global_batch_size = config.worker.actor.global_batch_size
     validate_config(config)
     return config
 

@@ -25,6 +25,9 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # An architecture (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen2): build a tiny random model at model_path
+    # when the folder is missing (quickstart and tests; nothing is downloaded).
+    build_tiny_if_missing: Optional[str] = None
 
 
 @dataclass
@@ -78,7 +81,8 @@ class CriticConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
-    global_batch_size: int = 256
+    # None: the actor's global_batch_size.
+    global_batch_size: Optional[int] = None
     micro_batch_size_per_device_for_update: int = 2
     micro_batch_size_per_device_for_experience: int = 8
     ppo_epochs: int = 1

@@ -1,0 +1,182 @@
+"""The data-parallel policy agent: log-prob passes and the clipped-PPO update step on one rank's data.
+
+The agent sees only this rank's share of the batch. It makes the gradient independent of how the
+data is split: every micro-batch loss is normalised by the token (or sequence) count of the whole
+mini-batch over all ranks, and multiplied by the world size because FSDP averages gradients over
+ranks. Summing the micro-batch gradients then gives exactly the full mini-batch gradient.
+"""
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtrl.models.packing import forward_micro_batch
+from mtrl.optimization import policy_optimization as po
+from mtrl.optimization.config import OptimizationConfig
+from mtrl.protocol import DataBatch
+from mtrl.utils.seqlen_balancing import micro_batches_by_token_budget, num_micro_batches_by_token_budget
+from mtrl.workers.config import ActorConfig
+from mtrl.workers.fsdp_utils import clipped_optimizer_step
+
+# Tensors a forward pass needs; everything else in the batch stays on the controller's side.
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
+
+
+def make_micro_batches(batch: DataBatch, micro_batch_size: int, dynamic: bool,
+                       max_token_len: int) -> List[Tuple[DataBatch, List[int]]]:
+    """Micro-batches with the row indices they hold: fixed size, or by a token budget (dynamic batching).
+
+    Under FSDP every rank must run the same number of forward passes (each one all-gathers
+    parameters), so with dynamic batching all ranks use the largest micro-batch count of any rank.
+    The controller gives every rank the same number of rows, so fixed sizes already agree.
+    """
+    if dynamic:
+        lengths = batch.tensors["attention_mask"].sum(-1).tolist()
+        count = torch.tensor(num_micro_batches_by_token_budget(lengths, max_token_len))
+        if dist.is_initialized():
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        groups = micro_batches_by_token_budget(lengths, max_token_len, min_num_micro_batches=int(count))
+    else:
+        groups = [list(range(i, min(i + micro_batch_size, len(batch))))
+                  for i in range(0, len(batch), micro_batch_size)]
+    return [(batch.index(g), g) for g in groups]
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    t = torch.tensor(float(value), device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t)
+
+
+def global_normalisers(mini_batch: DataBatch, device: torch.device) -> Dict[str, float]:
+    """Token and sequence counts of a mini-batch summed over all data-parallel ranks."""
+    mask = mini_batch.tensors["response_mask"]
+    # Empty responses are not sequences for the seq-* aggregation modes.
+    counts = torch.tensor([float(mask.sum()), float((mask.sum(-1) > 0).sum())],
+                          dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return {"global_token_count": float(counts[0]), "global_seq_count": float(counts[1])}
+
+
+class ParallelPolicyAgent:
+    def __init__(self, config: ActorConfig, model: nn.Module, device: torch.device,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        self.config = config
+        self.model = model
+        self.device = device
+        self.optimizer = optimizer
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, mb: DataBatch, temperature: float, return_entropy: bool = False,
+                 return_logits: bool = False,
+                 transform_vision: Optional[Callable[[List[dict], DataBatch], List[dict]]] = None) -> Dict:
+        tensors = {k: mb.tensors[k].to(self.device) for k in FORWARD_KEYS if k in mb.tensors}
+        vision = mb.non_tensors.get("multi_modal_inputs")
+        if vision is not None and transform_vision is not None:
+            vision = transform_vision(list(vision), mb)
+        return forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
+                                   response_length=mb.tensors["responses"].shape[1], temperature=temperature,
+                                   padding_free=self.config.padding_free, return_entropy=return_entropy,
+                                   return_logits=return_logits)
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: DataBatch, temperature: float, return_entropy: bool = False,
+                          transform_vision=None) -> Dict[str, torch.Tensor]:
+        """Per-token log-probs (and entropy) of the responses, in the batch's row order."""
+        self.model.eval()
+        outputs: Dict[str, List[torch.Tensor]] = {}
+        order: List[int] = []
+        for mb, rows in make_micro_batches(batch, self.config.micro_batch_size_per_device_for_experience,
+                                           self.config.dynamic_batching, self.config.max_token_len_per_device):
+            out = self._forward(mb, temperature, return_entropy=return_entropy, transform_vision=transform_vision)
+            for key in ("log_probs", "entropy"):
+                if out.get(key) is not None:
+                    outputs.setdefault(key, []).append(out[key].float().cpu())
+            order.extend(rows)
+        inverse = torch.argsort(torch.tensor(order))
+        return {k: torch.cat(v)[inverse] for k, v in outputs.items()}
+
+    @torch.no_grad()
+    def compute_exact_dependency(self, batch: DataBatch, temperature: float, transform_vision) -> torch.Tensor:
+        """Exact per-token KL(pi(.|I) || pi(.|I')) for the `full_kl` estimator (two forwards per micro-batch)."""
+        self.model.eval()
+        scores, order = [], []
+        for mb, rows in make_micro_batches(batch, self.config.micro_batch_size_per_device_for_experience,
+                                           self.config.dynamic_batching, self.config.max_token_len_per_device):
+            clean = self._forward(mb, temperature, return_logits=True)
+            perturbed = self._forward(mb, temperature, return_logits=True, transform_vision=transform_vision)
+            mask = mb.tensors["response_mask"].to(self.device)
+            scores.append(po.compute_visual_dependency(clean["log_probs"], perturbed["log_probs"], mask,
+                                                       estimator="full_kl", logits=clean["logits"],
+                                                       aug_logits=perturbed["logits"]).float().cpu())
+            order.extend(rows)
+        return torch.cat(scores)[torch.argsort(torch.tensor(order))]
+
+    # ------------------------------------------------------------------ update
+
+    def update_policy(self, batch: DataBatch, temperature: float, opt: OptimizationConfig,
+                      mini_batch_size: int) -> Dict[str, float]:
+        """PPO epochs over mini-batches of `mini_batch_size` rows (this rank's share); one optimizer step each.
+
+        Expects tensors old_log_probs, advantages, response_mask, and optionally token_mask (TPRL
+        filter, 1 = receives gradient) and ref_log_probs (divergence loss).
+        """
+        cfg = self.config
+        self.model.train()
+        sums: Dict[str, List[float]] = {}
+
+        def record(key: str, value: float) -> None:
+            sums.setdefault(key, []).append(float(value))
+
+        for _ in range(cfg.ppo_epochs):
+            for mini in batch.split(mini_batch_size):
+                norm = global_normalisers(mini, self.device)
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                mini_metrics: Dict[str, float] = {}
+                for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
+                                                cfg.dynamic_batching, cfg.max_token_len_per_device):
+                    loss, micro_metrics = self._micro_batch_loss(mb, temperature, opt, norm)
+                    (loss * world).backward()
+                    for k, v in micro_metrics.items():
+                        mini_metrics[k] = mini_metrics.get(k, 0.0) + v
+                record("actor/grad_norm", clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm))
+                # Loss terms were normalised by the global counts: their sum over ranks is the mini-batch mean.
+                for k in ("actor/pg_loss", "actor/divergence_loss", "actor/entropy_loss"):
+                    if k in mini_metrics:
+                        record(k, all_reduce_sum(mini_metrics.pop(k), self.device))
+                n_micro = mini_metrics.pop("_count")
+                for k, v in mini_metrics.items():
+                    record(k, v / n_micro)
+        return {k: sum(v) / len(v) for k, v in sums.items()}
+
+    def _micro_batch_loss(self, mb: DataBatch, temperature: float, opt: OptimizationConfig,
+                          norm: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        cfg = self.config
+        out = self._forward(mb, temperature)
+        log_probs = out["log_probs"]
+        t = {k: v.to(self.device) for k, v in mb.tensors.items()
+             if k in ("old_log_probs", "advantages", "response_mask", "token_mask", "ref_log_probs")}
+        mask = t["response_mask"]
+        pg_loss, pg_metrics = po.compute_policy_loss(
+            t["old_log_probs"], log_probs, t["advantages"], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
+            cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm)
+        loss = pg_loss
+        metrics = {"actor/pg_loss": pg_loss.item(), "_count": 1.0,
+                   "actor/clipfrac": float(pg_metrics["pg_clipfrac"]),
+                   "actor/clipfrac_lower": float(pg_metrics["pg_clipfrac_lower"]),
+                   "actor/approx_kl": float(pg_metrics["ppo_kl"])}
+        if opt.use_divergence_loss and not opt.disable_divergence:
+            divergence = po.compute_divergence(log_probs, t["ref_log_probs"], opt.divergence_penalty)
+            div_loss = po.aggregate_loss(divergence, mask, cfg.loss_agg_mode, **norm)
+            loss = loss + opt.divergence_coef * div_loss
+            metrics["actor/divergence_loss"] = div_loss.item()
+        if opt.use_entropy_penalty:
+            ent_loss = po.compute_entropy_penalty(log_probs, mask, loss_agg_mode=cfg.loss_agg_mode, **norm)
+            loss = loss + opt.entropy_penalty_coef * ent_loss
+            metrics["actor/entropy_loss"] = ent_loss.item()
+        return loss, metrics

@@ -1,0 +1,39 @@
+"""First-use generation of the built-in task data and tiny model named by a config.
+
+`dataset.generate_if_missing: shapes[:difficulty]` writes the coloured-shapes task into the folder of
+`train_files` / `val_files`; `worker.actor.model.build_tiny_if_missing: ARCH` builds a tiny random
+model (tokenizer trained on the task's text) at `model_path`. Both only act when the target is
+missing, and both write to a temporary folder first, so an interrupted run leaves nothing half-made.
+"""
+
+import os
+from typing import Optional, Tuple
+
+from mtrl.training.training_config import MTRLConfig
+from mtrl.utils.errors import UserError
+
+
+def _task_spec(spec: Optional[str]) -> Optional[Tuple[str, str]]:
+    if not spec:
+        return None
+    name, _, difficulty = spec.partition(":")
+    if name != "shapes":
+        raise UserError(f"`dataset.generate_if_missing` = {spec!r}: the only built-in task is `shapes` "
+                        f"(optionally `shapes:easy`, `shapes:medium`, `shapes:hard`).")
+    return name, difficulty or "easy"
+
+
+def ensure_builtin_assets(config: MTRLConfig) -> None:
+    from mtrl.models.tiny import ensure_tiny_model
+    from mtrl.utils.shapes_task import ensure_task, task_corpus
+
+    task = _task_spec(config.dataset.generate_if_missing)
+    difficulty = task[1] if task else "easy"
+    if task:
+        folders = {os.path.dirname(f.split("@")[0]) for files in (config.dataset.train_files, config.dataset.val_files)
+                   for f in files.split(",") if f}
+        for folder in sorted(folders):
+            ensure_task(folder, difficulty=difficulty, seed=config.dataset.seed)
+    for model in (config.worker.actor.model, config.worker.critic.model):
+        if model.build_tiny_if_missing and model.model_path:
+            ensure_tiny_model(model.model_path, arch=model.build_tiny_if_missing, corpus=task_corpus(difficulty))

@@ -1,0 +1,67 @@
+"""The TPRL perception pass input: images with random patch_size x patch_size cells blackened (SPEC 5.1).
+
+Qwen-VL processors turn an image into rows of `pixel_values`, one row per (patch x patch) cell
+(times `temporal_patch_size` copies of the frame), in the order (t, h/m, w/m, m, m) with m the
+spatial merge size. Blackening a cell in the image and re-running the processor gives exactly the
+same rows as overwriting the cell's rows with the normalised value of a black pixel, so the
+perturbation is applied directly to `pixel_values`, with no image re-processing.
+"""
+
+import hashlib
+from typing import Dict, Sequence
+
+import torch
+
+
+def sample_seed(seed: int, step: int, uid: str) -> int:
+    """A per-sample seed from (seed, step, sample uid), the same on every worker and every run."""
+    digest = hashlib.sha256(f"{seed}:{step}:{uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
+    """The pixel_values row of an all-black cell: per channel (0 - mean) / std, channel-major."""
+    channels = len(image_mean)
+    per_channel = torch.tensor([-m / s for m, s in zip(image_mean, image_std)], dtype=torch.float32)
+    return per_channel.repeat_interleave(row_len // channels)
+
+
+def cell_ids(grid_thw: Sequence[int], merge_size: int, patches_per_cell: int) -> torch.Tensor:
+    """For each pixel_values row of one image, the id of the (frame, cell_row, cell_col) it belongs to."""
+    t, h, w = (int(x) for x in grid_thw)
+    m = merge_size
+    tt, bh, bw, i, j = torch.meshgrid(torch.arange(t), torch.arange(h // m), torch.arange(w // m),
+                                      torch.arange(m), torch.arange(m), indexing="ij")
+    rows, cols = (bh * m + i) // patches_per_cell, (bw * m + j) // patches_per_cell
+    n_rows, n_cols = -(-h // patches_per_cell), -(-w // patches_per_cell)
+    return ((tt * n_rows + rows) * n_cols + cols).reshape(-1)
+
+
+def blacken_patches(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *, merge_size: int,
+                    patches_per_cell: int, mask_prob: float, black: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Each cell of each image independently set to black with probability `mask_prob`."""
+    out = pixel_values.clone()
+    start = 0
+    for grid in image_grid_thw.tolist():
+        ids = cell_ids(grid, merge_size, patches_per_cell)
+        dropped = torch.rand(int(ids.max()) + 1, generator=generator) < mask_prob
+        rows = torch.nonzero(dropped[ids]).squeeze(1) + start
+        out[rows] = black.to(out.dtype)
+        start += ids.numel()
+    return out
+
+
+def perturb_images(multi_modal_inputs: Dict[str, torch.Tensor], *, seed: int, merge_size: int,
+                   patches_per_cell: int, mask_prob: float, image_mean: Sequence[float],
+                   image_std: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """One sample's vision inputs with its images perturbed (videos are left as they are)."""
+    if "pixel_values" not in multi_modal_inputs:
+        return multi_modal_inputs
+    pixel_values = multi_modal_inputs["pixel_values"]
+    generator = torch.Generator().manual_seed(seed)
+    black = black_row(pixel_values.shape[1], image_mean, image_std)
+    perturbed = blacken_patches(pixel_values, multi_modal_inputs["image_grid_thw"], merge_size=merge_size,
+                                patches_per_cell=patches_per_cell, mask_prob=mask_prob, black=black,
+                                generator=generator)
+    return {**multi_modal_inputs, "pixel_values": perturbed}

@@ -1,0 +1,90 @@
+"""The FSDP2 critic (value model) worker, used when the advantage estimator is `gae`."""
+
+from typing import Dict
+
+import torch
+import transformers
+
+from mtrl.agents.parallel_policy_agent import all_reduce_sum, global_normalisers, make_micro_batches
+from mtrl.models.attention import enable_padding_free_attention
+from mtrl.models.loader import decoder_layers, load_model, vision_tower
+from mtrl.models.packing import forward_micro_batch
+from mtrl.optimization import policy_optimization as po
+from mtrl.protocol import DataBatch
+from mtrl.single_controller.base import Dispatch, Worker, register
+from mtrl.training.training_config import MTRLConfig
+from mtrl.workers import fsdp_utils
+
+
+class CriticWorker(Worker):
+    def __init__(self, config: MTRLConfig):
+        super().__init__()
+        self.config = config
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self, total_training_steps: int = 1) -> None:
+        self.init_distributed()
+        transformers.utils.logging.disable_progress_bar()
+        cfg = self.config.worker.critic
+        model_path = cfg.model.model_path or self.config.worker.actor.model.model_path
+        self.model = load_model(model_path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
+                                trust_remote_code=cfg.model.trust_remote_code,
+                                gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+                                freeze_vision_tower=cfg.model.freeze_vision_tower, for_value=True)
+        if cfg.padding_free:
+            enable_padding_free_attention(self.model)
+        fsdp_utils.apply_fsdp2(self.model, cfg.fsdp, self.device.type, decoder_layers(self.model),
+                               vision_tower(self.model))
+        self.optimizer = fsdp_utils.build_optimizer(self.model, cfg.optim)
+        self.lr_scheduler = fsdp_utils.build_lr_scheduler(self.optimizer, cfg.optim, total_training_steps)
+
+    def _values(self, mb: DataBatch) -> torch.Tensor:
+        tensors = {k: mb.tensors[k].to(self.device)
+                   for k in ("input_ids", "attention_mask", "position_ids", "responses") if k in mb.tensors}
+        vision = mb.non_tensors.get("multi_modal_inputs")
+        out = forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
+                                  response_length=mb.tensors["responses"].shape[1],
+                                  padding_free=self.config.worker.critic.padding_free, value_head=True)
+        return out["values"]
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @torch.no_grad()
+    def compute_values(self, batch: DataBatch) -> DataBatch:
+        cfg = self.config.worker.critic
+        self.model.eval()
+        values, order = [], []
+        for mb, rows in make_micro_batches(batch, cfg.micro_batch_size_per_device_for_experience,
+                                           cfg.dynamic_batching, cfg.max_token_len_per_device):
+            values.append(self._values(mb).float().cpu() * mb.tensors["response_mask"])
+            order.extend(rows)
+        return DataBatch(tensors={"values": torch.cat(values)[torch.argsort(torch.tensor(order))]})
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    def update_critic(self, batch: DataBatch) -> Dict[str, float]:
+        """Clipped value loss over PPO epochs and mini-batches, normalised like the actor's loss."""
+        cfg = self.config.worker.critic
+        self.model.train()
+        n = batch.meta.get("n", self.config.worker.rollout.n)
+        mini_batch_size = max(1, cfg.global_batch_size * n // self.world_size)
+        history: Dict[str, list] = {}
+        for _ in range(cfg.ppo_epochs):
+            for mini in batch.split(mini_batch_size):
+                norm = global_normalisers(mini, self.device)
+                loss_sum, clipfrac = 0.0, []
+                for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
+                                                cfg.dynamic_batching, cfg.max_token_len_per_device):
+                    t = {k: mb.tensors[k].to(self.device) for k in ("values", "returns", "response_mask")}
+                    loss, frac = po.compute_value_loss(self._values(mb), t["returns"], t["values"],
+                                                       t["response_mask"], cfg.cliprange_value, cfg.loss_agg_mode,
+                                                       **norm)
+                    (loss * self.world_size).backward()
+                    loss_sum += loss.item()
+                    clipfrac.append(float(frac))
+                grad_norm = fsdp_utils.clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)
+                history.setdefault("critic/vf_loss", []).append(all_reduce_sum(loss_sum, self.device))
+                history.setdefault("critic/vf_clipfrac", []).append(sum(clipfrac) / len(clipfrac))
+                history.setdefault("critic/grad_norm", []).append(grad_norm)
+        self.lr_scheduler.step()
+        metrics = {k: sum(v) / len(v) for k, v in history.items()}
+        metrics["critic/lr"] = self.lr_scheduler.get_last_lr()[0]
+        return metrics

@@ -1,0 +1,109 @@
+"""FSDP2 for the actor, reference and critic models: wrapping, full weights, offload, optimizer, LR schedule.
+
+Everything FSDP-specific lives here so the workers read as plain training code.
+"""
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from mtrl.workers.config import FSDPConfig, OptimConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: List[nn.Module],
+                vision_tower: Optional[nn.Module] = None) -> nn.Module:
+    """Shard every transformer block, the vision tower, then the root, over all ranks.
+
+    The vision tower must be its own FSDP unit: left to the root, its parameters are still DTensors
+    when generation or a forward with images calls into it, and mixed Tensor/DTensor ops fail.
+    """
+    world = dist.get_world_size()
+    if config.sharding_strategy == "NO_SHARD":
+        # Replicate over all ranks (DDP-like): a 2-D mesh whose shard dimension has size 1.
+        mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    dtype = _DTYPES[config.mixed_precision_dtype]
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": config.sharding_strategy == "FULL_SHARD",
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+    }
+    if config.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if vision_tower is not None:
+        fully_shard(vision_tower, **kwargs)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The unsharded weights on every rank (a collective: all ranks must call it)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return get_model_state_dict(model, options=options)
+
+
+def offload_to_cpu(module: nn.Module) -> None:
+    module.to("cpu", non_blocking=True)
+
+
+def load_to_device(module: nn.Module, device: torch.device) -> None:
+    module.to(device, non_blocking=True)
+
+
+def offload_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move the optimizer state (Adam moments) to `device` (cpu to offload, the worker device to load)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                state[key] = value.to(device, non_blocking=True)
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then constant, linear decay to 0, or cosine decay to 0."""
+    warmup = config.warmup_steps
+    kind = config.lr_scheduler_type
+
+    def factor(step: int) -> float:
+        if kind != "constant" and warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clipped_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip by the global norm over all shards, step unless the norm is not finite, zero the grads.
+
+    Returns the norm before clipping (inf/nan when the step was skipped).
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    norm = float(norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

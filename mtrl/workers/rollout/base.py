@@ -1,0 +1,66 @@
+"""The rollout-engine interface every engine (HF generate, vLLM) implements.
+
+An engine lives inside the actor worker process (hybrid engine). Each training step the worker
+pushes the current policy weights into it (`load_weights`), asks for `n` responses per prompt
+(`generate`), then lets it free its memory (`release`) before the training passes.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+
+from mtrl.protocol import DataBatch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 512
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights with the given full (unsharded) tensors, by HF parameter name."""
+
+    @abstractmethod
+    def generate(self, prompts: DataBatch, params: SamplingParams) -> DataBatch:
+        """`prompts` in the collate layout (docs/DATA_LAYOUT.md), B rows -> B * n rows, interleaved.
+
+        Returns every field of `prompts` repeated n times, plus tensors `prompts` (a copy of the
+        left-padded `input_ids`), `responses` (B*n, R) right-padded with the pad id and
+        `response_mask` (B*n, R). R is at most `max_new_tokens`.
+        """
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free the engine's weights / caches until the next `load_weights`."""
+
+    def metrics(self) -> Dict[str, float]:
+        return {}
+
+
+def response_mask_from_ids(responses: torch.Tensor, eos_token_ids: Iterable[int], pad_token_id: int) -> torch.Tensor:
+    """1 on generated tokens up to and including the first EOS, 0 after it.
+
+    Tokens after the first EOS are set to `pad_token_id` in place, so that every engine returns
+    the same layout whatever it does after stopping.
+    """
+    eos = torch.zeros_like(responses, dtype=torch.bool)
+    for token_id in set(eos_token_ids):
+        eos |= responses == token_id
+    # A token is inside the response while no EOS occurred strictly before it.
+    eos_before = (torch.cumsum(eos.long(), dim=1) - eos.long()) > 0
+    mask = (~eos_before).long()
+    responses.masked_fill_(mask == 0, pad_token_id)
+    return mask

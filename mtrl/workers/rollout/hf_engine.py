@@ -1,0 +1,97 @@
+"""The `hf` rollout engine: transformers `generate` on an unsharded inference copy of the policy.
+
+Generating on the FSDP2-sharded training model would all-gather every layer for every new token
+(and need `synced_gpus=True` so that ranks stay in lock-step). Instead the worker gathers the full
+weights once per step into this engine's own copy, every rank generates its share independently,
+and `release` frees the copy before the training passes. `benchmarks/rollout_engines.py` measures
+both ways.
+"""
+
+from typing import Any, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
+from mtrl.protocol import DataBatch
+from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids
+
+
+class HFRolloutEngine(RolloutEngine):
+    def __init__(self, build_model: Any, model_config: Any, eos_token_ids: List[int], pad_token_id: int,
+                 device: torch.device, micro_batch_size: int = 16):
+        """`build_model()` returns an nn.Module with the policy's architecture (weights are overwritten)."""
+        self._build_model = build_model
+        self.model_config = model_config
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.micro_batch_size = micro_batch_size
+        self.model: Optional[nn.Module] = None
+        self._kept_buffers: Optional[dict] = None
+        # A response must not contain vision placeholders: they would ask the model for images that
+        # do not exist when the sequence is scored again.
+        self.suppress_tokens = [i for i in (getattr(model_config, k, None) for k in
+                                            ("image_token_id", "video_token_id", "vision_start_token_id",
+                                             "vision_end_token_id")) if i is not None]
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        if self.model is None:
+            self.model = self._build_model().to(self.device).eval()
+            self.model.requires_grad_(False)
+        elif self._kept_buffers is not None:
+            self.model.to_empty(device=self.device)
+            self._restore_buffers()
+        missing, unexpected = self.model.load_state_dict(dict(weights), strict=False)
+        if hasattr(self.model, "tie_weights"):  # to_empty gives tied parameters separate storage
+            self.model.tie_weights()
+        # Tied embeddings show up as "missing" on one side only; anything else is a naming bug.
+        missing = [k for k in missing if "lm_head" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"rollout weight sync: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def release(self) -> None:
+        """Drop the weights (the module moves to the meta device) but keep the module for the next sync.
+
+        Buffers that are not in the state dict (rotary frequencies) are computed at construction
+        only, so they are kept aside, small as they are.
+        """
+        if self.model is None or self._kept_buffers is not None:
+            return
+        self._kept_buffers = {name: buf.detach().to("cpu", copy=True) for name, buf in self.model.named_buffers()}
+        self.model.to("meta")
+
+    def _restore_buffers(self) -> None:
+        for name, value in self._kept_buffers.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner) if owner else self.model
+            module._buffers[attr] = value.to(self.device)
+        self._kept_buffers = None
+
+    @torch.no_grad()
+    def generate(self, prompts: DataBatch, params: SamplingParams) -> DataBatch:
+        if self.model is None or self._kept_buffers is not None:
+            raise RuntimeError("HFRolloutEngine.generate called before load_weights")
+        batch = prompts.repeat(params.n) if params.n > 1 else prompts
+        pieces = [self._generate_micro_batch(mb, params) for mb in batch.split(self.micro_batch_size)]
+        width = max(p.shape[1] for p in pieces)
+        responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=self.pad_token_id)
+                               for p in pieces])
+        response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)
+        batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask)
+        return batch
+
+    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams) -> torch.Tensor:
+        input_ids = mb.tensors["input_ids"].to(self.device)
+        attention_mask = mb.tensors["attention_mask"].to(self.device)
+        vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
+        if vision:
+            vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
+        sampling = {"do_sample": False} if params.greedy else {
+            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else 0}
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
+            suppress_tokens=self.suppress_tokens or None, **sampling, **vision)
+        return output[:, input_ids.shape[1]:].cpu()

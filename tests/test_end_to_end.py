@@ -1,0 +1,101 @@
+"""End-to-end runs of the CLI on the quickstart config: Ray, 2 FSDP2 CPU workers, generation, rewards,
+the update and validation, for every estimator and the main option combinations (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+# The metrics the seed README promises (mtrl_readme.md), plus timing and length statistics.
+CORE_METRICS = {"actor/pg_loss", "actor/approx_kl", "actor/clipfrac", "actor/entropy", "actor/grad_norm",
+                "perf/tokens_per_second", "perf/samples_per_second", "perf/throughput", "reward/overall",
+                "val/reward_score", "timing/generate", "timing/update_actor", "response_length/mean"}
+TPRL_METRICS = {"actor/entropy_token_fraction", "actor/perception_token_fraction",
+                "actor/sensitivity_score_mean", "actor/scaling_factor_mean"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for all runs, so the generated task and tiny model are made once."""
+    return tmp_path_factory.mktemp("e2e")
+
+
+def ray_processes() -> int:
+    out = subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout.split()
+    return sum(name in ("raylet", "gcs_server") for name in out)
+
+
+def run_cli(workdir: Path, name: str, *overrides: str, steps: int = 3):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "mtrl.training.training_main", f"config={QUICKSTART}",
+            f"training.max_steps={steps}", f"training.val_freq={steps}", f"training.experiment_name={name}",
+            f"training.save_checkpoint_path=runs/{name}",
+            *overrides]
+    proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return proc, rows
+
+
+def keys_of(rows):
+    return set().union(*(r.keys() for r in rows))
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_with_tprl(workdir):
+    before = ray_processes()
+    proc, rows = run_cli(workdir, "quickstart")
+    train_rows = [r for r in rows if "actor/pg_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert CORE_METRICS | TPRL_METRICS <= keys_of(rows)
+    assert all(0 < r["actor/perception_token_fraction"] <= 0.6 for r in train_rows)
+    assert all(abs(r["actor/scaling_factor_mean"] - 1) < 1e-4 for r in train_rows)
+    assert (workdir / "runs" / "quickstart" / "config.yaml").is_file()
+    assert "run directory" in proc.stdout
+    assert ray_processes() <= before, "Ray processes were left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator,extra", [
+    ("gae", ["optimization.disable_divergence=false"]),          # critic + divergence as reward penalty
+    ("rloo", ["optimization.disable_divergence=false", "optimization.use_divergence_loss=true",
+              "optimization.divergence_penalty=low_var_kl"]),  # divergence as a loss term
+    ("remax", []),
+    ("reinforce_plus_plus", ["optimization.divergence_type=adaptive", "optimization.disable_divergence=false"]),
+])
+def test_each_estimator(workdir, estimator, extra):
+    _, rows = run_cli(workdir, f"est_{estimator}", f"optimization.advantage_estimator={estimator}", *extra, steps=2)
+    keys = keys_of(rows)
+    assert CORE_METRICS <= keys
+    if estimator == "gae":
+        assert {"critic/vf_loss", "timing/update_critic", "timing/values", "actor/reward_divergence"} <= keys
+    if estimator == "rloo":
+        assert "actor/divergence_loss" in keys and "actor/reward_divergence" not in keys
+    if estimator == "remax":
+        assert "timing/remax_baseline" in keys
+
+
+@pytest.mark.slow
+def test_tprl_fully_off(workdir):
+    _, rows = run_cli(workdir, "plain", "optimization.enable_entropy_filtering=false",
+                      "optimization.enable_perception_filtering=false",
+                      "optimization.enable_trajectory_reweighting=false", steps=2)
+    keys = keys_of(rows)
+    assert CORE_METRICS <= keys
+    assert not keys & TPRL_METRICS and "timing/perception" not in keys
+
+
+@pytest.mark.slow
+def test_val_only_builds_no_optimizer_reference_or_critic(workdir):
+    run_cli(workdir, "quickstart_assets", steps=1)  # make sure data and model exist
+    proc, rows = run_cli(workdir, "val_only", "training.val_only=true", "dataset.train_files=",
+                         "optimization.advantage_estimator=gae", "optimization.disable_divergence=false")
+    assert len(rows) == 1 and rows[0]["step"] == 0 and "val/reward_score" in rows[0]
+    assert "actor/pg_loss" not in rows[0]
+    assert "critic" not in proc.stdout + proc.stderr.lower().replace("colocated_actor", "")

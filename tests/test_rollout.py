@@ -1,0 +1,75 @@
+"""The HF rollout engine: weight sync, n samples per prompt, EOS masking, release and re-sync."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtrl.models.tiny import make_tiny_model
+from mtrl.utils.dataset import RLDataset
+from mtrl.workers.rollout import SamplingParams, check_engine_available, response_mask_from_ids
+from mtrl.workers.rollout.hf_engine import HFRolloutEngine
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_model("qwen2_vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": "<image>What colour is the circle?", "answer": "red",
+             "images": [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))]},
+            {"prompt": "How many squares are there?", "answer": "2", "images": []}]
+    data = RLDataset.from_rows(rows, tiny.tokenizer, tiny.processor, tiny.model.config,
+                               min_pixels=3136, max_pixels=3136)
+    return data.collate([data[0], data[1]])
+
+
+def engine_for(tiny):
+    eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return HFRolloutEngine(lambda: make_tiny_model("qwen2_vl", seed=123).model, tiny.model.config, [eos],
+                           tiny.tokenizer.pad_token_id, torch.device("cpu"), micro_batch_size=3)
+
+
+def test_response_mask_stops_after_first_eos():
+    responses = torch.tensor([[5, 9, 7, 9], [9, 1, 2, 3], [1, 2, 3, 4]])
+    mask = response_mask_from_ids(responses, [9], pad_token_id=0)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert responses.tolist() == [[5, 9, 0, 0], [9, 0, 0, 0], [1, 2, 3, 4]]  # after EOS: padding
+
+
+def test_generate_uses_the_synced_weights_and_survives_release(tiny, prompts):
+    engine = engine_for(tiny)
+    engine.load_weights(tiny.model.state_dict().items())
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+    first = engine.generate(prompts.select(), greedy)
+    expected = tiny.model.generate(input_ids=prompts["input_ids"][1:], attention_mask=prompts["attention_mask"][1:],
+                                   max_new_tokens=6, do_sample=False, eos_token_id=engine.eos_token_ids,
+                                   pad_token_id=engine.pad_token_id, suppress_tokens=engine.suppress_tokens)
+    # Row 1 is text-only: the engine's copy must match the source model token for token.
+    n = expected.shape[1] - prompts["input_ids"].shape[1]
+    assert first["responses"][1, :n].tolist() == expected[0, prompts["input_ids"].shape[1]:].tolist()
+    engine.release()
+    assert all(p.is_meta for p in engine.model.parameters())
+    engine.load_weights(tiny.model.state_dict().items())
+    again = engine.generate(prompts.select(), greedy)
+    assert torch.equal(again["responses"], first["responses"])
+
+
+def test_n_samples_interleaved_without_vision_tokens(tiny, prompts):
+    engine = engine_for(tiny)
+    engine.load_weights(tiny.model.state_dict().items())
+    torch.manual_seed(0)
+    out = engine.generate(prompts.select(), SamplingParams(n=3, temperature=1.0, max_new_tokens=5))
+    assert len(out) == 6 and list(out["uid"]) == [prompts["uid"][0]] * 3 + [prompts["uid"][1]] * 3
+    assert torch.equal(out["prompts"], out["input_ids"])
+    assert out["responses"].shape == out["response_mask"].shape and out["responses"].shape[1] <= 5
+    assert not torch.isin(out["responses"], torch.tensor(engine.suppress_tokens)).any()
+
+
+def test_vllm_without_vllm_fails_clearly():
+    with pytest.raises(RuntimeError, match="worker.rollout.name=vllm"):
+        check_engine_available("vllm")
+    check_engine_available("hf")
