@@ -67,6 +67,7 @@ def test_quickstart_runs_end_to_end_with_tprl(workdir):
     ("rloo", ["optimization.disable_divergence=false", "optimization.use_divergence_loss=true",
               "optimization.divergence_penalty=low_var_kl"]),  # divergence as a loss term
     ("remax", []),
+    ("grpo", ["optimization.online_filtering=true", "optimization.filter_low=0.0"]),
     ("reinforce_plus_plus", ["optimization.divergence_type=adaptive", "optimization.disable_divergence=false"]),
 ])
 def test_each_estimator(workdir, estimator, extra):
@@ -79,6 +80,8 @@ def test_each_estimator(workdir, estimator, extra):
         assert "actor/divergence_loss" in keys and "actor/reward_divergence" not in keys
     if estimator == "remax":
         assert "timing/remax_baseline" in keys
+    if estimator == "grpo":
+        assert {"filter/tries", "filter/kept_fraction"} <= keys
 
 
 @pytest.mark.slow

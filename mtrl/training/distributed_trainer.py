@@ -29,6 +29,7 @@ from mtrl.training.training_config import MTRLConfig, config_to_yaml, to_plain_d
 from mtrl.utils.builtin_assets import ensure_builtin_assets
 from mtrl.utils.dataset import build_dataloader, build_dataset
 from mtrl.utils.errors import UserError
+from mtrl.utils.seqlen_balancing import balance_across_ranks, flatten_partitions, partition_stats
 from mtrl.utils.tracking import Tracker
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
 
@@ -158,6 +159,8 @@ class DistributedTrainer:
         with self._timer("generate"):
             batch = self._generate_with_rewards(prompts, metrics)
         batch.meta.update(global_step=self.global_step, n=rollout.n, temperature=rollout.temperature)
+        if self.config.worker.actor.dynamic_batching:
+            metrics.update(self._balance_across_ranks(batch))
 
         with self._timer("old_log_probs"):
             batch.union(self._dp(self.actor_wg.compute_log_probs, batch))
@@ -186,6 +189,17 @@ class DistributedTrainer:
         return metrics
 
     # ------------------------------------------------------------------ phases
+
+    def _balance_across_ranks(self, batch: DataBatch) -> Dict[str, float]:
+        """Reorder rows so that each rank's contiguous share has a near-equal number of tokens."""
+        world = self.config.training.world_size
+        if len(batch) % world:
+            return {}
+        lengths = batch.tensors["attention_mask"].sum(-1).tolist()
+        partitions = balance_across_ranks(lengths, world, equal_size=True)
+        batch.reorder(flatten_partitions(partitions))
+        stats = partition_stats(lengths, partitions)
+        return {f"perf/rank_tokens_{k}": float(v) for k, v in stats.items()}
 
     def _generate_with_rewards(self, prompts: DataBatch, metrics: Dict[str, float]) -> DataBatch:
         """Generate and score; with online filtering, keep only prompt groups whose mean score is in range,

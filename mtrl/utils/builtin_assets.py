@@ -30,8 +30,8 @@ def ensure_builtin_assets(config: MTRLConfig) -> None:
     task = _task_spec(config.dataset.generate_if_missing)
     difficulty = task[1] if task else "easy"
     if task:
-        folders = {os.path.dirname(f.split("@")[0]) for files in (config.dataset.train_files, config.dataset.val_files)
-                   for f in files.split(",") if f}
+        files = ",".join(f for f in (config.dataset.train_files, config.dataset.val_files) if f)
+        folders = {os.path.dirname(f.split("@")[0]) for f in files.split(",") if f}
         for folder in sorted(folders):
             ensure_task(folder, difficulty=difficulty, seed=config.dataset.seed)
     for model in (config.worker.actor.model, config.worker.critic.model):

@@ -4,7 +4,8 @@ Everything FSDP-specific lives here so the workers read as plain training code.
 """
 
 import math
-from typing import Dict, List, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,20 +54,32 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
-def offload_to_cpu(module: nn.Module) -> None:
-    module.to("cpu", non_blocking=True)
-
-
-def load_to_device(module: nn.Module, device: torch.device) -> None:
-    module.to(device, non_blocking=True)
-
-
-def offload_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Move the optimizer state (Adam moments) to `device` (cpu to offload, the worker device to load)."""
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     for state in optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 state[key] = value.to(device, non_blocking=True)
+
+
+@contextmanager
+def resident(device: torch.device, module: Optional[nn.Module] = None, offload_module: bool = False,
+             optimizer: Optional[torch.optim.Optimizer] = None, offload_optimizer: bool = False) -> Iterator[None]:
+    """Keep offloaded parameters / optimizer state on `device` for one phase, on the CPU otherwise.
+
+    Offloading frees device memory between phases (the rollout engine and the reference model
+    need it); with nothing offloaded this does nothing.
+    """
+    if module is not None and offload_module:
+        module.to(device, non_blocking=True)
+    if optimizer is not None and offload_optimizer:
+        _move_optimizer_state(optimizer, device)
+    try:
+        yield
+    finally:
+        if module is not None and offload_module:
+            module.to("cpu", non_blocking=True)
+        if optimizer is not None and offload_optimizer:
+            _move_optimizer_state(optimizer, torch.device("cpu"))
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:

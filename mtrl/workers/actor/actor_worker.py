@@ -86,7 +86,9 @@ class ActorRolloutRefWorker(Worker):
             self.ref = self._load_fsdp_model(trainable=False)
             self.ref_agent = ParallelPolicyAgent(cfg.actor, self.ref, self.device)
             if cfg.ref.offload_params:
-                fsdp_utils.offload_to_cpu(self.ref)
+                self.ref.to("cpu")
+        if cfg.actor.offload.offload_params:
+            self.actor.to("cpu")
         eos = self.tokenizer.eos_token_id
         eos_ids = {eos} | set(getattr(self.actor.generation_config, "eos_token_id", None) or [])
         self.rollout = HFRolloutEngine(self._build_inference_model, self.model_config, sorted(eos_ids),
@@ -109,7 +111,8 @@ class ActorRolloutRefWorker(Worker):
             top_p=meta.get("top_p", rcfg.top_p), top_k=meta.get("top_k", rcfg.top_k),
             max_new_tokens=rcfg.max_new_tokens or self.config.dataset.max_response_length)
         torch.manual_seed(self.config.training.seed + 7919 * meta.get("global_step", 0) + self.rank)
-        self.rollout.load_weights(fsdp_utils.full_state_dict(self.actor).items())
+        with self._actor_resident():
+            self.rollout.load_weights(fsdp_utils.full_state_dict(self.actor).items())
         out = self.rollout.generate(prompts, params)
         self.rollout.release()
         return self._complete_sequences(out)
@@ -127,12 +130,18 @@ class ActorRolloutRefWorker(Worker):
 
     # ------------------------------------------------------------------ experience passes
 
+    def _actor_resident(self, with_optimizer: bool = False):
+        offload = self.config.worker.actor.offload
+        return fsdp_utils.resident(self.device, self.actor, offload.offload_params,
+                                   self.agent.optimizer if with_optimizer else None, offload.offload_optimizer)
+
     def _temperature(self, batch: DataBatch) -> float:
         return batch.meta.get("temperature", self.config.worker.rollout.temperature) or 1.0
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def compute_log_probs(self, batch: DataBatch) -> DataBatch:
-        out = self.agent.compute_log_probs(batch, self._temperature(batch), return_entropy=True)
+        with self._actor_resident():
+            out = self.agent.compute_log_probs(batch, self._temperature(batch), return_entropy=True)
         return DataBatch(tensors={"old_log_probs": out["log_probs"], "entropys": out["entropy"]})
 
     def _perturb(self, vision, mb: DataBatch):
@@ -153,20 +162,17 @@ class ActorRolloutRefWorker(Worker):
     def compute_perception(self, batch: DataBatch) -> DataBatch:
         """TPRL perception pass: log-probs of the same responses with every image patch-blackened."""
         temperature = self._temperature(batch)
-        if self.config.optimization.dependency_estimator == "full_kl":
-            dependency = self.agent.compute_exact_dependency(batch, temperature, self._perturb)
-            return DataBatch(tensors={"dependency": dependency})
-        out = self.agent.compute_log_probs(batch, temperature, transform_vision=self._perturb)
+        with self._actor_resident():
+            if self.config.optimization.dependency_estimator == "full_kl":
+                dependency = self.agent.compute_exact_dependency(batch, temperature, self._perturb)
+                return DataBatch(tensors={"dependency": dependency})
+            out = self.agent.compute_log_probs(batch, temperature, transform_vision=self._perturb)
         return DataBatch(tensors={"aug_log_probs": out["log_probs"]})
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def compute_ref_log_probs(self, batch: DataBatch) -> DataBatch:
-        offload = self.config.worker.ref.offload_params
-        if offload:
-            fsdp_utils.load_to_device(self.ref, self.device)
-        out = self.ref_agent.compute_log_probs(batch, self._temperature(batch))
-        if offload:
-            fsdp_utils.offload_to_cpu(self.ref)
+        with fsdp_utils.resident(self.device, self.ref, self.config.worker.ref.offload_params):
+            out = self.ref_agent.compute_log_probs(batch, self._temperature(batch))
         return DataBatch(tensors={"ref_log_probs": out["log_probs"]})
 
     # ------------------------------------------------------------------ update
@@ -176,7 +182,9 @@ class ActorRolloutRefWorker(Worker):
         cfg = self.config.worker
         samples_per_mini_batch = cfg.actor.global_batch_size * batch.meta.get("n", cfg.rollout.n)
         mini_batch_size = max(1, samples_per_mini_batch // self.world_size)
-        metrics = self.agent.update_policy(batch, self._temperature(batch), self.config.optimization, mini_batch_size)
+        with self._actor_resident(with_optimizer=True):
+            metrics = self.agent.update_policy(batch, self._temperature(batch), self.config.optimization,
+                                               mini_batch_size)
         self.lr_scheduler.step()
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics

@@ -37,6 +37,13 @@ class CriticWorker(Worker):
                                vision_tower(self.model))
         self.optimizer = fsdp_utils.build_optimizer(self.model, cfg.optim)
         self.lr_scheduler = fsdp_utils.build_lr_scheduler(self.optimizer, cfg.optim, total_training_steps)
+        if cfg.offload.offload_params:
+            self.model.to("cpu")
+
+    def _resident(self, with_optimizer: bool = False):
+        offload = self.config.worker.critic.offload
+        return fsdp_utils.resident(self.device, self.model, offload.offload_params,
+                                   self.optimizer if with_optimizer else None, offload.offload_optimizer)
 
     def _values(self, mb: DataBatch) -> torch.Tensor:
         tensors = {k: mb.tensors[k].to(self.device)
@@ -48,8 +55,17 @@ class CriticWorker(Worker):
         return out["values"]
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
-    @torch.no_grad()
     def compute_values(self, batch: DataBatch) -> DataBatch:
+        with self._resident():
+            return self._compute_values(batch)
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    def update_critic(self, batch: DataBatch) -> Dict[str, float]:
+        with self._resident(with_optimizer=True):
+            return self._update_critic(batch)
+
+    @torch.no_grad()
+    def _compute_values(self, batch: DataBatch) -> DataBatch:
         cfg = self.config.worker.critic
         self.model.eval()
         values, order = [], []
@@ -59,8 +75,7 @@ class CriticWorker(Worker):
             order.extend(rows)
         return DataBatch(tensors={"values": torch.cat(values)[torch.argsort(torch.tensor(order))]})
 
-    @register(dispatch_mode=Dispatch.DP_COMPUTE)
-    def update_critic(self, batch: DataBatch) -> Dict[str, float]:
+    def _update_critic(self, batch: DataBatch) -> Dict[str, float]:
         """Clipped value loss over PPO epochs and mini-batches, normalised like the actor's loss."""
         cfg = self.config.worker.critic
         self.model.train()
