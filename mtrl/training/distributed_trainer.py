@@ -21,12 +21,15 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from mtrl.models import lora
 from mtrl.models.loader import load_config as load_model_config
 from mtrl.models.loader import load_processor
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
 from mtrl.training.training_config import MTRLConfig, config_to_yaml, to_plain_dict
+from mtrl.utils import checkpoint
 from mtrl.utils.builtin_assets import ensure_builtin_assets
+from mtrl.utils.paths import absolutize_paths
 from mtrl.utils.dataset import build_dataloader, build_dataset
 from mtrl.utils.errors import UserError
 from mtrl.utils.seqlen_balancing import balance_across_ranks, flatten_partitions, partition_stats
@@ -52,12 +55,9 @@ class DistributedTrainer:
                                                seed=config.dataset.seed)
         self.train_loader = None
         if not config.training.val_only:
-            train_set = build_dataset(config.dataset.train_files, config.dataset, self.tokenizer, self.processor,
-                                      model_config)
-            self.train_loader = build_dataloader(train_set, config.dataset.rollout_batch_size,
-                                                 shuffle=config.dataset.shuffle, seed=config.dataset.seed)
+            self.train_loader = self._build_train_loader(model_config)
         self.total_steps = self._total_steps()
-        self.rewards = RewardManager(config.worker.reward, config.config_dir)
+        self.rewards = self._build_rewards()
         opt = config.optimization
         self.use_critic = opt.advantage_estimator == "gae" and not config.training.val_only
         self.use_reference = not opt.disable_divergence and not config.training.val_only
@@ -68,6 +68,26 @@ class DistributedTrainer:
                                total_steps=self.total_steps)
         self.global_step = 0
         self.timing: Dict[str, float] = {}
+
+    def _build_train_loader(self, model_config):
+        """The prompts of `dataset.train_files` (several files mixed per `dataset.mix_strategy`); SFT / DPO
+        trainers (mtrl/training/sft.py, preference.py) override this."""
+        from mtrl.utils.data_mixing import build_mixed_dataset
+
+        d = self.config.dataset
+        train_set = build_mixed_dataset(d.train_files, lambda files: build_dataset(files, d, self.tokenizer,
+                                                                                   self.processor, model_config),
+                                        d.mix_strategy, d.file_weights, d.seed)
+        return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+
+    def _build_rewards(self):
+        """Rule-based rewards (RewardManager) or, with `worker.reward.reward_type=model`, a reward model
+        served by its own FSDP2 workers colocated with the actor (mtrl/workers/reward/model.py)."""
+        if self.config.worker.reward.reward_type == "model":
+            from mtrl.workers.reward.model import ModelRewardManager
+
+            return ModelRewardManager(self.config)
+        return RewardManager(self.config.worker.reward, self.config.config_dir)
 
     def _total_steps(self) -> int:
         if self.train_loader is None:
@@ -84,14 +104,18 @@ class DistributedTrainer:
 
         t = self.config.training
         use_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        lora.check_peft_supported(self.config.worker.actor.model, "cuda" if use_gpu else "cpu")
         self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
         roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, self.config, with_ref=self.use_reference,
                                                with_optimizer=not t.val_only)}
         if self.use_critic:
             from mtrl.workers.critic.critic_worker import CriticWorker
             roles["critic"] = RayClassWithInitArgs(CriticWorker, self.config)
+        roles.update(getattr(self.rewards, "worker_roles", dict)())  # reward_type=model: the reward model
         self.worker_group = RayWorkerGroup(self.pool, create_colocated_worker_cls(roles))
         self.groups = self.worker_group.spawn(list(roles))
+        if hasattr(self.rewards, "attach"):
+            self.rewards.attach(self.groups)
         self.actor_wg = self.groups["actor"]
         self.critic_wg = self.groups.get("critic")
         self.actor_wg.init_model(max(1, self.total_steps))
@@ -129,6 +153,7 @@ class DistributedTrainer:
 
     def fit(self) -> Dict[str, float]:
         self.init_workers()
+        checkpoint.resume_from_checkpoint(self)  # training.load_checkpoint_path / find_last_checkpoint
         t = self.config.training
         last_val: Dict[str, float] = {}
         if self.val_loader is not None and (t.val_before_train or t.val_only):
@@ -136,7 +161,7 @@ class DistributedTrainer:
             self.tracker.log(last_val, step=self.global_step)
         if t.val_only:
             return last_val
-        for epoch in range(t.total_epochs):
+        for epoch in range(self.train_loader.epoch, t.total_epochs):  # a resumed run continues its epoch
             for prompts in self.train_loader:
                 if self.global_step >= self.total_steps:
                     break
@@ -148,6 +173,10 @@ class DistributedTrainer:
                     last_val = self.validate()
                     metrics.update(last_val)
                 metrics["training/epoch"] = epoch
+                if checkpoint.should_save(t.save_freq, self.global_step, last_step):
+                    with self._timer("save_checkpoint"):
+                        checkpoint.save_checkpoint(self)
+                    metrics["timing/save_checkpoint"] = self.timing["timing/save_checkpoint"]
                 self.tracker.log(metrics, step=self.global_step)
         return last_val
 
@@ -181,12 +210,16 @@ class DistributedTrainer:
             with self._timer("update_critic"):
                 metrics.update(_mean_over_ranks(self.critic_wg.update_critic(batch)))
         with self._timer("update_actor"):
-            metrics.update(_mean_over_ranks(self.actor_wg.update_actor(batch)))
+            metrics.update(self._update_actor(batch))
 
         metrics.update(self.timing)
         metrics.update(_throughput(batch, time.perf_counter() - step_start, self.config.training.world_size))
         metrics.update(_length_metrics(batch))
         return metrics
+
+    def _update_actor(self, batch: DataBatch) -> Dict[str, float]:
+        """The actor update (CHORD mixes expert rows in here: mtrl/training/chord.py)."""
+        return _mean_over_ranks(self.actor_wg.update_actor(batch))
 
     # ------------------------------------------------------------------ phases
 
@@ -403,17 +436,20 @@ def _length_metrics(batch: DataBatch) -> Dict[str, float]:
 # ------------------------------------------------------------------ entry
 
 
-def run_training(config: MTRLConfig) -> int:
-    """Start Ray, train (or validate), always shut Ray down. Returns the process exit code."""
+def run_training(config: MTRLConfig, trainer_cls=None) -> int:
+    """Start Ray, train (or validate), shut Ray down (unless it was running already, e.g. between the
+    stages of mtrl/training/stages.py). `trainer_cls(config)`: default DistributedTrainer. Returns the exit code."""
     import ray
 
     from mtrl.single_controller.ray import init_ray
 
+    started_ray = not ray.is_initialized()
     init_ray(num_cpus=max(4, config.training.world_size + config.worker.reward.num_cpus + 1))
     trainer = None
     try:
         ensure_builtin_assets(config)
-        trainer = DistributedTrainer(config)
+        absolutize_paths(config)
+        trainer = (trainer_cls or DistributedTrainer)(config)
         final = trainer.fit()
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()) if k.startswith("val/"))
         print(f"[mtrl] done. run directory: {trainer.run_dir} (metrics.jsonl, config.yaml)"
@@ -425,5 +461,6 @@ def run_training(config: MTRLConfig) -> int:
     finally:
         if trainer is not None:
             trainer.shutdown()
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
 

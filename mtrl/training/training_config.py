@@ -9,8 +9,9 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -19,6 +20,7 @@ from mtrl.utils.tracking import LOGGER_NAMES
 from mtrl.optimization.config import (
     ADVANTAGE_ESTIMATOR_NAMES,
     DEPENDENCY_ESTIMATOR_NAMES,
+    DPO_LOSS_TYPE_NAMES,
     DIVERGENCE_PENALTY_NAMES,
     FILTER_SCOPE_NAMES,
     OptimizationConfig,
@@ -35,6 +37,9 @@ from mtrl.workers.config import (
 )
 
 DEVICE_NAMES = ("auto", "cuda", "cpu")
+# What a run (or a stage) trains: RL (PPO family, optionally with CHORD), SFT, DPO, a Bradley-Terry reward model.
+TRAINING_MODES = ("rl", "sft", "dpo", "reward_model")
+MIX_STRATEGIES = ("concat", "weighted_sampling", "balanced")
 
 
 class ConfigError(UserError, ValueError):
@@ -65,10 +70,26 @@ class DatasetConfig:
     # "shapes" (or "shapes:easy|medium|hard"): generate the built-in perception task into the folder of
     # train_files / val_files when they are missing.
     generate_if_missing: Optional[str] = None
+    # Expert / SFT rows (SFT stages and CHORD): prompt/response, messages, question/answer, input/output
+    # or prompt/answer rows, recognised automatically (response_key names the response of prompt rows).
+    sft_files: Optional[str] = ""
+    response_key: str = "response"
+    # Preference rows {prompt, chosen, rejected[, images, margin]} for DPO and reward-model training.
+    preference_files: Optional[str] = ""
+    preference_val_files: Optional[str] = ""
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    # Several training files (the comma-separated entries of the mode's training files: train_files for
+    # rl, sft_files for sft, preference_files for dpo / reward_model): concat | weighted_sampling | balanced,
+    # with one weight per entry (mtrl/utils/data_mixing.py).
+    mix_strategy: str = "concat"
+    file_weights: Optional[List[float]] = None
 
 
 @dataclass
 class TrainingConfig:
+    # rl | sft | dpo | reward_model (a stage's `mode` sets it).
+    mode: str = "rl"
     total_epochs: int = 10
     max_steps: Optional[int] = None
     project_name: str = "mtrl_training"
@@ -100,11 +121,29 @@ class TrainingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One entry of `stages:` (mtrl/training/stages.py): a name, a mode and overrides of any config section.
+
+    Every stage is the top-level config with its overrides merged on; it runs in `{run_dir}/{name}` and
+    starts from the model the previous policy stage exported.
+    """
+
+    name: str = ""
+    mode: str = "rl"
+    dataset: Dict[str, Any] = field(default_factory=dict)
+    training: Dict[str, Any] = field(default_factory=dict)
+    optimization: Dict[str, Any] = field(default_factory=dict)
+    worker: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class MTRLConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    # Ordered training stages (e.g. SFT warmup, then RL); empty = one run of `training.mode`.
+    stages: List[StageConfig] = field(default_factory=list)
     # Directory of the `config=` YAML; relative paths in the config (reward_fn_path) resolve here first.
     config_dir: Optional[str] = None
 
@@ -182,12 +221,26 @@ def load_config(argv: Sequence[str] = ()) -> MTRLConfig:
             raise ConfigError(f"config={config_file}: the top level must be a mapping of sections.")
         merged = _merge(merged, yaml_cfg, config_file)
         merged.config_dir = os.path.dirname(os.path.abspath(config_file))
+    # `stages[i].section.key=value` edits one stage; a dotlist cannot address list items, so apply these last.
+    stage_overrides = [o for o in overrides if o.startswith("stages[")]
+    overrides = [o for o in overrides if not o.startswith("stages[")]
     if overrides:
         try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except Exception as e:
             raise ConfigError(f"command line: could not parse overrides {list(overrides)}: {e}") from None
         merged = _merge(merged, dotlist, "command line")
+    for override in stage_overrides:
+        key, value = override.split("=", 1)
+        index = key[len("stages["):].split("]", 1)[0]
+        if not index.isdigit() or int(index) >= len(merged.stages):
+            raise ConfigError(f"command line: `{override}`: there is no stage {index} (the config has "
+                              f"{len(merged.stages)} stages, numbered from 0).")
+        try:
+            OmegaConf.update(merged, key, yaml.safe_load(value) if value else None, merge=True)
+        except Exception as e:  # a missing stage index, an unknown stage field, a bad value
+            raise ConfigError(f"command line: cannot apply `{override}` (stages: {len(merged.stages)}): "
+                              f"{str(e).splitlines()[0]}") from None
     try:
         config: MTRLConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -227,8 +280,16 @@ def _positive(key: str, value: Any) -> None:
 
 
 def validate_config(config: MTRLConfig) -> None:
+    if config.stages:
+        # Each stage is validated as the config it runs with (base + its overrides).
+        from mtrl.training.stages import resolve_stages
+
+        resolve_stages(config)
+        return
     d, t, o, w = config.dataset, config.training, config.optimization, config.worker
     a, c, r = w.actor, w.critic, w.rollout
+    _choice("training.mode", t.mode, TRAINING_MODES)
+    _validate_training_modes(config)
 
     _choice("optimization.advantage_estimator", o.advantage_estimator, ADVANTAGE_ESTIMATOR_NAMES)
     _choice("optimization.divergence_penalty", o.divergence_penalty, DIVERGENCE_PENALTY_NAMES)
@@ -290,7 +351,7 @@ def validate_config(config: MTRLConfig) -> None:
     _range("worker.rollout.val_override.temperature", r.val_override.temperature, 0, 100)
     if r.max_new_tokens is not None:
         _positive("worker.rollout.max_new_tokens", r.max_new_tokens)
-    if o.advantage_estimator in ("grpo", "rloo") and r.n < 2 and not t.val_only:
+    if o.advantage_estimator in ("grpo", "rloo") and r.n < 2 and not t.val_only and t.mode == "rl":
         raise ConfigError(f"`optimization.advantage_estimator` = {o.advantage_estimator} compares responses to "
                           f"the same prompt and needs `worker.rollout.n` >= 2 (got {r.n}).")
 
@@ -315,16 +376,53 @@ def validate_config(config: MTRLConfig) -> None:
         if not d.val_files:
             raise ConfigError("`training.val_only` = true needs `dataset.val_files`.")
         return
-    if not d.train_files:
+    if not d.train_files and t.mode == "rl":
         raise ConfigError("`dataset.train_files` is empty: give one or more comma-separated files.")
     _validate_batch_sizes(config)
 
 
+def _validate_training_modes(config: MTRLConfig) -> None:
+    """Keys of SFT, CHORD, DPO, reward models and data mixing (SPEC section 6)."""
+    d, t, o, w = config.dataset, config.training, config.optimization, config.worker
+    ch = o.chord
+    _range("optimization.chord.expert_data_ratio", ch.expert_data_ratio, 0, 1, low_open=True, high_open=True)
+    for key in ("mu_peak", "mu_valley"):
+        _range(f"optimization.chord.{key}", getattr(ch, key), 0, 1)
+    for key in ("mu_warmup_steps", "mu_decay_steps"):
+        if getattr(ch, key) < 0:
+            raise ConfigError(f"`optimization.chord.{key}` = {getattr(ch, key)} must be >= 0.")
+    _choice("optimization.chord.sft_loss_agg_mode", ch.sft_loss_agg_mode, LOSS_AGG_MODES)
+    _positive("optimization.dpo.beta", o.dpo.beta)
+    _choice("optimization.dpo.loss_type", o.dpo.loss_type, DPO_LOSS_TYPE_NAMES)
+    _range("optimization.dpo.label_smoothing", o.dpo.label_smoothing, 0, 0.5)
+    _choice("dataset.mix_strategy", d.mix_strategy, MIX_STRATEGIES)
+    _positive("worker.reward.micro_batch_size_per_device", w.reward.micro_batch_size_per_device)
+    if t.val_only:
+        return
+    files_key = {"rl": "train_files", "sft": "sft_files", "dpo": "preference_files",
+                 "reward_model": "preference_files"}[t.mode]
+    if t.mode != "rl" and not getattr(d, files_key):
+        raise ConfigError(f"`training.mode` = {t.mode} trains on `dataset.{files_key}`, which is empty.")
+    if ch.enable and t.mode == "rl" and not d.sft_files:
+        raise ConfigError("`optimization.chord.enable` = true needs expert rows in `dataset.sft_files`.")
+    if d.file_weights is not None:
+        entries = [e for e in (getattr(d, files_key) or "").split(",") if e.strip()]
+        if len(d.file_weights) != len(entries):
+            raise ConfigError(f"`dataset.file_weights` has {len(d.file_weights)} weights but `dataset.{files_key}` "
+                              f"has {len(entries)} entries (one weight per entry).")
+        if any(x < 0 for x in d.file_weights) or sum(d.file_weights) <= 0:
+            raise ConfigError(f"`dataset.file_weights` = {list(d.file_weights)} must be >= 0 with a positive sum.")
+    if t.mode == "rl" and w.reward.reward_type == "model" and not w.reward.reward_model_path:
+        raise ConfigError("`worker.reward.reward_type` = model needs `worker.reward.reward_model_path` (a folder "
+                          "written by a reward_model stage or run).")
+
+
 def _validate_batch_sizes(config: MTRLConfig) -> None:
     d, t, w = config.dataset, config.training, config.worker
-    world, n = t.world_size, w.rollout.n
+    # Outside RL a row is one SFT example or one preference pair: no n samples per prompt.
+    world, n = t.world_size, (w.rollout.n if t.mode == "rl" else 1)
     roles = [("worker.actor", w.actor)]
-    if config.optimization.advantage_estimator == "gae":
+    if config.optimization.advantage_estimator == "gae" and t.mode == "rl":
         roles.append(("worker.critic", w.critic))
     for section, cfg in roles:
         _positive(f"{section}.global_batch_size", cfg.global_batch_size)
@@ -375,16 +473,24 @@ def config_reference_markdown() -> str:
             if f.name == "config_dir":
                 continue
             type_name = str(f.type).replace("typing.", "") if hasattr(f.type, "__args__") else f.type.__name__
+            type_name = type_name.replace("__main__.", "").replace(f"{__name__}.", "")
             shown = json.dumps(to_plain_dict(value))
             rows.append(f"| `{prefix}{f.name}` | {type_name} | `{shown}` |")
         if rows:
-            lines.extend([f"## `{prefix.rstrip('.')}`", "", "| key | type | default |", "|---|---|---|", *rows, ""])
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default |", "|---|---|---|", *rows, ""])
         for f in fields(node):
             value = getattr(node, f.name)
             if is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
 
     walk(MTRLConfig(), "")
+    lines.extend(["## `stages[]`", "",
+                  "Each entry of `stages` (mtrl/training/stages.py); the four sections hold overrides of the "
+                  "top-level keys.", "", "| key | type | default |", "|---|---|---|"])
+    for f in fields(StageConfig):
+        type_name = str(f.type).replace("typing.", "") if hasattr(f.type, "__args__") else f.type.__name__
+        lines.append(f"| `stages[].{f.name}` | {type_name} | `{json.dumps(to_plain_dict(getattr(StageConfig(), f.name)))}` |")
+    lines.append("")
     return "\n".join(lines)
 
 

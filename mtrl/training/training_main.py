@@ -12,7 +12,8 @@ Fine-tunes a (vision-)language model with RL (PPO / GRPO / RLOO / ReMax / REINFO
 TPRL token filters and trajectory shaping), driven by one config:
   dataclass defaults  <  config=FILE.yaml  <  dotted overrides on the command line
 
-Sections: dataset, training, optimization, worker.{actor,critic,ref,rollout,reward}.
+Sections: dataset, training, optimization, worker.{actor,critic,ref,rollout,reward}, stages.
+training.mode: rl | sft | dpo | reward_model; `stages:` runs several in order (mtrl/training/stages.py).
 Every key, its type and default: docs/CONFIG.md.
 
 examples:
@@ -47,9 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if print_only:
         print(config_to_yaml(config), end="")
         return 0
-    from mtrl.training.distributed_trainer import run_training
+    from mtrl.training.stages import run
 
-    return run_training(config)
+    return run(config)  # stages, SFT / DPO / reward-model / CHORD runs, or plain RL (run_training)
 
 
 if __name__ == "__main__":

@@ -316,6 +316,9 @@ class RLDataset(torch.utils.data.Dataset):
         the rest: as `DatasetConfig`.
     """
 
+    #: Subclasses whose rows carry their targets under other keys (mtrl/utils/sft_dataset.py) turn this off.
+    _warn_missing_answers = True
+
     def __init__(self, data_files: Union[str, Sequence[str]], tokenizer: Any, processor: Any = None,
                  model_config: Any = None, *, prompt_key: str = "prompt", answer_key: str = "answer",
                  image_key: str = "images", video_key: str = "videos", image_dir: Optional[str] = None,
@@ -350,7 +353,7 @@ class RLDataset(torch.utils.data.Dataset):
 
         self._tables = _tables if _tables is not None else [_Table(p, s) for p, s in expand_data_files(data_files)]
         self._has_answers = any(isinstance(r, dict) and answer_key in r for t in self._tables for r in t.iter_rows())
-        if not self._has_answers:
+        if not self._has_answers and self._warn_missing_answers:
             logger.warning("dataset: no row has the answer key %r; ground_truth will be empty", answer_key)
         self._rows: List[Tuple[int, int]] = []  # (table, row in table) of every kept row
         self.prompt_lengths: List[int] = []

@@ -393,6 +393,50 @@ def task_corpus(difficulty=None) -> List[str]:
     return list(dict.fromkeys(lines))
 
 
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def wrong_answers(row: Dict[str, str], difficulty) -> List[str]:
+    """Plausible wrong answers to a task row: the other colours / shapes / counts, or the other shape of a
+    left_of question."""
+    d = get_difficulty(difficulty)
+    qtype, answer = row.get("question_type", "colour"), str(row["answer"])
+    if qtype == "colour":
+        options = list(d.colours)
+    elif qtype == "shape":
+        options = list(d.shapes)
+    elif qtype == "count":
+        options = list(_DIGITS[:d.max_shapes + 1])
+    else:
+        options = [k for k in d.shapes if f"the {k} " in row["prompt"] or f"the {k}?" in row["prompt"]]
+    return [o for o in options if o != answer]
+
+
+def write_preference_pairs(task_dir: str, split: str = "train", out_path: Optional[str] = None,
+                           seed: int = 0) -> str:
+    """`{split}_pairs.jsonl` beside the task: one pair per row of `{split}.jsonl`, chosen = the right answer,
+    rejected = a wrong one drawn with a generator seeded by (seed, row): reward-model / DPO data whose
+    preference needs the image."""
+    with open(os.path.join(task_dir, "task.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    d = Difficulty(**{**info["difficulty"], **{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in info["difficulty"].items()}})
+    out_path = out_path or os.path.join(task_dir, f"{split}_pairs.jsonl")
+    tmp = out_path + ".tmp"
+    with open(os.path.join(task_dir, f"{split}.jsonl"), encoding="utf-8") as src, \
+            open(tmp, "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            row = json.loads(line)
+            wrong = wrong_answers(row, d)
+            if not wrong:
+                continue
+            rejected = random.Random(f"{seed}:{split}:{i}").choice(wrong)
+            dst.write(json.dumps({"prompt": row["prompt"], "chosen": row["answer"], "rejected": rejected,
+                                  "images": row["images"], "question_type": row.get("question_type")}) + "\n")
+    os.replace(tmp, out_path)
+    return out_path
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

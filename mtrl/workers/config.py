@@ -134,6 +134,8 @@ class RewardConfig:
     num_cpus: int = 1
     reward_model_path: Optional[str] = None
     timeout_s: float = 300.0
+    # reward_type=model: rows per forward pass of the reward model on each worker.
+    micro_batch_size_per_device: int = 8
 
 
 @dataclass

@@ -20,8 +20,10 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: List[nn.Module],
-                vision_tower: Optional[nn.Module] = None) -> nn.Module:
+                vision_tower: Optional[nn.Module] = None, ignored_params: Optional[set] = None) -> nn.Module:
     """Shard every transformer block, the vision tower, then the root, over all ranks.
+
+    `ignored_params` stay unsharded, replicated on every rank (QLoRA's packed 4-bit base weights).
 
     The vision tower must be its own FSDP unit: left to the root, its parameters are still DTensors
     when generation or a forward with images calls into it, and mixed Tensor/DTensor ops fail.
@@ -40,6 +42,8 @@ def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: 
     }
     if config.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if ignored_params:
+        kwargs["ignored_params"] = set(ignored_params)
     if vision_tower is not None:
         fully_shard(vision_tower, **kwargs)
     for block in blocks:

@@ -11,12 +11,14 @@ import torch
 import transformers
 
 from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
+from mtrl.models import lora
 from mtrl.models.attention import enable_padding_free_attention
 from mtrl.models.loader import decoder_layers, load_model, load_processor, vision_tower
 from mtrl.models.multimodal import is_vision_config
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, Worker, register
 from mtrl.training.training_config import MTRLConfig
+from mtrl.utils import checkpoint
 from mtrl.utils.rope import compute_position_ids
 from mtrl.workers import fsdp_utils
 from mtrl.workers.actor.perception import perturb_images, sample_seed
@@ -54,17 +56,25 @@ class ActorRolloutRefWorker(Worker):
 
     # ------------------------------------------------------------------ setup
 
-    def _load_fsdp_model(self, trainable: bool):
+    def _load_fsdp_model(self, trainable: bool, adapter: bool = False):
         mcfg, acfg = self.config.worker.actor.model, self.config.worker.actor
-        model = load_model(mcfg.model_path, dtype=torch.float32, attn_implementation=mcfg.attn_implementation,
-                           trust_remote_code=mcfg.trust_remote_code,
-                           gradient_checkpointing=trainable and mcfg.enable_gradient_checkpointing,
-                           freeze_vision_tower=mcfg.freeze_vision_tower or not trainable)
+        adapter = adapter and lora.peft_type(mcfg) is not None  # LoRA / QLoRA (mtrl.models.lora)
+        kwargs = dict(attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code,
+                      gradient_checkpointing=trainable and mcfg.enable_gradient_checkpointing,
+                      freeze_vision_tower=mcfg.freeze_vision_tower or not trainable)
+        if adapter and mcfg.peft_type == "qlora":
+            model = lora.load_quantized_model(mcfg.model_path, compute_dtype=_DTYPES[acfg.fsdp.mixed_precision_dtype],
+                                              **kwargs)
+        else:
+            model = load_model(mcfg.model_path, dtype=torch.float32, **kwargs)
         if acfg.padding_free:
             enable_padding_free_attention(model)
+        if adapter:
+            model = lora.apply_lora(model, mcfg)
         if not trainable:
             model.requires_grad_(False)
-        fsdp_utils.apply_fsdp2(model, acfg.fsdp, self.device.type, decoder_layers(model), vision_tower(model))
+        fsdp_utils.apply_fsdp2(model, acfg.fsdp, self.device.type, decoder_layers(model), vision_tower(model),
+                               ignored_params=lora.quantized_params(model))
         return model
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -74,15 +84,18 @@ class ActorRolloutRefWorker(Worker):
         cfg = self.config.worker
         torch.manual_seed(self.config.training.seed)
         self.tokenizer, self.processor = load_processor(cfg.actor.model.tokenizer_path or cfg.actor.model.model_path)
-        self.actor = self._load_fsdp_model(trainable=self.with_optimizer)
+        self.actor = self._load_fsdp_model(trainable=self.with_optimizer, adapter=True)
         self.model_config = self.actor.config
+        # Weights for the rollout engine under the base model's names (LoRA merged in).
+        self.rollout_weights = lora.RolloutWeights(cfg.actor.model, load_base=self._build_inference_model)
         optimizer = None
         if self.with_optimizer:
             optimizer = fsdp_utils.build_optimizer(self.actor, cfg.actor.optim)
             self.lr_scheduler = fsdp_utils.build_lr_scheduler(optimizer, cfg.actor.optim, total_training_steps)
         self.agent = ParallelPolicyAgent(cfg.actor, self.actor, self.device, optimizer)
         self.ref_agent = None
-        if self.with_ref:
+        # With LoRA the reference policy is the actor with its adapter disabled: no second copy.
+        if self.with_ref and lora.peft_type(cfg.actor.model) is None:
             self.ref = self._load_fsdp_model(trainable=False)
             self.ref_agent = ParallelPolicyAgent(cfg.actor, self.ref, self.device)
             if cfg.ref.offload_params:
@@ -112,7 +125,7 @@ class ActorRolloutRefWorker(Worker):
             max_new_tokens=rcfg.max_new_tokens or self.config.dataset.max_response_length)
         torch.manual_seed(self.config.training.seed + 7919 * meta.get("global_step", 0) + self.rank)
         with self._actor_resident():
-            self.rollout.load_weights(fsdp_utils.full_state_dict(self.actor).items())
+            self.rollout.load_weights(self.rollout_weights(self.actor).items())
         out = self.rollout.generate(prompts, params)
         self.rollout.release()
         return self._complete_sequences(out)
@@ -171,6 +184,10 @@ class ActorRolloutRefWorker(Worker):
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def compute_ref_log_probs(self, batch: DataBatch) -> DataBatch:
+        if self.ref_agent is None:  # LoRA: the base model is the reference policy
+            with self._actor_resident(), self.actor.disable_adapter():
+                out = self.agent.compute_log_probs(batch, self._temperature(batch))
+            return DataBatch(tensors={"ref_log_probs": out["log_probs"]})
         with fsdp_utils.resident(self.device, self.ref, self.config.worker.ref.offload_params):
             out = self.ref_agent.compute_log_probs(batch, self._temperature(batch))
         return DataBatch(tensors={"ref_log_probs": out["log_probs"]})
@@ -180,7 +197,9 @@ class ActorRolloutRefWorker(Worker):
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def update_actor(self, batch: DataBatch) -> Dict[str, float]:
         cfg = self.config.worker
-        samples_per_mini_batch = cfg.actor.global_batch_size * batch.meta.get("n", cfg.rollout.n)
+        # CHORD / SFT batches say how many rows (expert rows included) make one mini-batch.
+        samples_per_mini_batch = batch.meta.get("samples_per_mini_batch") or \
+            cfg.actor.global_batch_size * batch.meta.get("n", cfg.rollout.n)
         mini_batch_size = max(1, samples_per_mini_batch // self.world_size)
         with self._actor_resident(with_optimizer=True):
             metrics = self.agent.update_policy(batch, self._temperature(batch), self.config.optimization,
@@ -188,3 +207,33 @@ class ActorRolloutRefWorker(Worker):
         self.lr_scheduler.step()
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def export_hf(self, path: str) -> None:
+        """Write the policy as a Hugging Face folder at `path` (end of a stage; rank 0 writes, all ranks gather)."""
+        from mtrl.workers.export import save_hf_folder
+
+        with self._actor_resident():
+            weights = self.rollout_weights(self.actor) if hasattr(self, "rollout_weights") else None
+            save_hf_folder(self.actor, path, self.config.worker.actor.model.model_path, self.rank, weights=weights)
+
+    # ------------------------------------------------------------------ checkpoints (mtrl.utils.checkpoint)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded weights + optimizer (DCP), LR scheduler and RNG per rank, and (rank 0) the HF config,
+        generation config, tokenizer / processor and LoRA config that export needs."""
+        artifacts = [self.model_config, getattr(self.actor, "generation_config", None), self.processor or self.tokenizer]
+        if lora.is_peft_model(self.actor):
+            artifacts.append(self.actor.peft_config["default"])
+        with self._actor_resident(with_optimizer=True):
+            checkpoint.save_fsdp_state(path, self.actor, self.agent.optimizer, getattr(self, "lr_scheduler", None),
+                                       hf_artifacts=artifacts,
+                                       save_frozen=self.config.worker.actor.model.peft_type != "qlora")
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint saved by `save_checkpoint` at any world size (weights only without an optimizer)."""
+        with self._actor_resident(with_optimizer=True):
+            checkpoint.load_fsdp_state(path, self.actor, self.agent.optimizer, getattr(self, "lr_scheduler", None),
+                                       load_frozen=self.config.worker.actor.model.peft_type != "qlora")

@@ -13,6 +13,7 @@ from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, Worker, register
 from mtrl.training.training_config import MTRLConfig
+from mtrl.utils import checkpoint
 from mtrl.workers import fsdp_utils
 
 
@@ -103,3 +104,17 @@ class CriticWorker(Worker):
         metrics = {k: sum(v) / len(v) for k, v in history.items()}
         metrics["critic/lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics
+
+    # ------------------------------------------------------------------ checkpoints (mtrl.utils.checkpoint)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded value model + optimizer (DCP), LR scheduler and RNG per rank."""
+        with self._resident(with_optimizer=True):
+            checkpoint.save_fsdp_state(path, self.model, self.optimizer, self.lr_scheduler,
+                                       hf_artifacts=[self.model.config])
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> None:
+        with self._resident(with_optimizer=True):
+            checkpoint.load_fsdp_state(path, self.model, self.optimizer, self.lr_scheduler)

@@ -74,7 +74,9 @@ class HFRolloutEngine(RolloutEngine):
             raise RuntimeError("HFRolloutEngine.generate called before load_weights")
         batch = prompts.repeat(params.n) if params.n > 1 else prompts
         pieces = [self._generate_micro_batch(mb, params) for mb in batch.split(self.micro_batch_size)]
-        width = max(p.shape[1] for p in pieces)
+        # Always max_new_tokens wide: ranks whose responses all stop early must still return the same width
+        # as the others (their results are concatenated), as verl pads to response_length.
+        width = max(max(p.shape[1] for p in pieces), params.max_new_tokens)
         responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=self.pad_token_id)
                                for p in pieces])
         response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)

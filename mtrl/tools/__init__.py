@@ -1,0 +1,5 @@
+"""Command-line tools, each run as ``python -m mtrl.tools.<name>``.
+
+* ``plot RUN_DIR [--out PNG]`` -- training curves from a run's ``metrics.jsonl``.
+* ``convert_config``, ``split_data`` -- see their module docstrings.
+"""

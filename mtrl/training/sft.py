@@ -1,0 +1,107 @@
+"""Supervised fine-tuning (`training.mode: sft`, e.g. an SFT warmup stage before RL).
+
+The SFT trainer is the RL trainer with another data source and update step: the same FSDP2 actor
+workers on the same Ray runtime (`ActorRolloutRefWorker.update_actor`, no reference model, no
+critic, no rollout during training), the same loop (`DistributedTrainer.fit`: step counting,
+validation every `val_freq` steps by generating on `dataset.val_files` and scoring with the reward
+function when one is configured, checkpoints, metrics).
+
+One step takes `dataset.rollout_batch_size` rows of `dataset.sft_files` (mtrl/utils/sft_dataset.py);
+every `worker.actor.global_batch_size` rows are one optimizer step. The loss is the negative
+log-likelihood of the response tokens only (`compute_sft_loss`, aggregated by
+`optimization.chord.sft_loss_agg_mode`, token-mean by default). The rows go through the agent's
+expert-row path (`ParallelPolicyAgent._mixed_micro_batch_loss` with mu = 1): the loss of each
+micro-batch is normalised by the token count of the whole mini-batch over all ranks, so micro-batch
+sizes and the number of workers do not change the gradient. Log-probs use temperature 1.
+
+Metrics: `expert/sft_loss` (mean NLL per response token), `actor/grad_norm`, `actor/lr`, throughput,
+lengths, and `val/*` from validation.
+"""
+
+import sys
+import time
+from typing import Dict, Optional
+
+from mtrl.protocol import DataBatch
+from mtrl.training.distributed_trainer import DistributedTrainer, _length_metrics, _mean_over_ranks, _throughput
+from mtrl.training.training_config import MTRLConfig
+from mtrl.utils.data_mixing import build_mixed_dataset
+from mtrl.utils.dataset import build_dataloader
+from mtrl.utils.sft_dataset import build_sft_dataset
+from mtrl.workers.reward import RewardManager
+
+
+class NoRewards:
+    """Stands in for the reward manager of a run without a reward function (SFT without validation)."""
+
+    def compute(self, batch):
+        raise RuntimeError("no reward function is configured (worker.reward.reward_fn_path)")
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ExportOnFinish:
+    """Mixin for trainers: after `fit`, write the trained policy as a Hugging Face folder at `export_dir`."""
+
+    export_dir: Optional[str] = None
+
+    def fit(self) -> Dict[str, float]:
+        result = super().fit()
+        if self.export_dir and not self.config.training.val_only:
+            start = time.perf_counter()
+            self.export(self.export_dir)
+            print(f"[mtrl] exported the model to {self.export_dir} ({time.perf_counter() - start:.1f} s)")
+        return result
+
+    def export(self, path: str) -> None:
+        self.actor_wg.export_hf(path)
+
+
+class RLStageTrainer(ExportOnFinish, DistributedTrainer):
+    """The plain RL trainer, exporting its policy at the end (an `rl` stage)."""
+
+    def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
+        super().__init__(config)
+        self.export_dir = export_dir
+
+
+class SFTTrainer(ExportOnFinish, DistributedTrainer):
+    def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
+        super().__init__(config)
+        self.export_dir = export_dir
+        self.use_reference = False
+        self.use_critic = False
+
+    def _build_train_loader(self, model_config):
+        d = self.config.dataset
+        dataset = build_mixed_dataset(d.sft_files, lambda files: build_sft_dataset(files, d, self.tokenizer,
+                                                                                   self.processor, model_config),
+                                      d.mix_strategy, d.file_weights, d.seed)
+        print(f"[mtrl] SFT data: {len(dataset)} rows from {d.sft_files}", file=sys.stderr)
+        return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+
+    def _build_rewards(self):
+        if self.config.worker.reward.reward_fn_path and self.config.worker.reward.reward_type == "function":
+            return RewardManager(self.config.worker.reward, self.config.config_dir)
+        return NoRewards()
+
+    def validate(self) -> Dict[str, float]:
+        if isinstance(self.rewards, NoRewards):
+            return {}
+        return super().validate()
+
+    def train_step(self, batch: DataBatch) -> Dict[str, float]:
+        self.timing = {}
+        start = time.perf_counter()
+        batch.meta.update(global_step=self.global_step, chord_mu=1.0, chord_phi=False, temperature=1.0, n=1,
+                          samples_per_mini_batch=self.config.worker.actor.global_batch_size)
+        metrics: Dict[str, float] = {}
+        if self.config.worker.actor.dynamic_batching:
+            metrics.update(self._balance_across_ranks(batch))
+        with self._timer("update_actor"):
+            metrics.update(_mean_over_ranks(self.actor_wg.update_actor(batch)))
+        metrics.update(self.timing)
+        metrics.update(_throughput(batch, time.perf_counter() - start, self.config.training.world_size))
+        metrics.update(_length_metrics(batch))
+        return metrics

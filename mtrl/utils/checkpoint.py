@@ -1,0 +1,441 @@
+"""Checkpoints: save, find and resume a training run (SPEC section 9).
+
+Layout of one checkpoint (``{save_checkpoint_path}/global_step_N/``)::
+
+    global_step_N/
+      mtrl_checkpoint.json          what is inside: step, world size, roles, model path, LoRA settings
+      trainer_state.json            controller: global step, dataloader position, divergence coefficient
+      trainer_rng.pt                controller RNG states (python, numpy, torch)
+      actor/
+        model/                      torch.distributed.checkpoint (DCP): sharded weights, any world size
+        optim/                      DCP: sharded optimizer state (absent for a run without optimizer)
+        extra_state_rank_{r}.pt     per rank: LR scheduler state, RNG states (python, numpy, torch, cuda)
+        huggingface/                rank 0: config.json, generation_config.json, tokenizer / processor,
+                                    chat template, adapter_config.json (LoRA) -- what export needs
+      critic/                       as actor/ (model, optim, extra state), when the run has a critic
+    latest_checkpointed_iteration.txt   (in the run folder) the step of the newest complete checkpoint
+
+Crash safety: a checkpoint is written into ``global_step_N.partial/`` and renamed to ``global_step_N``
+only when every part (including ``mtrl_checkpoint.json``, written last inside it) is on disk; the
+tracker file is written after that, through a temporary file and ``os.replace``. Resume reads the
+tracker (or, without one, picks the newest complete folder), so an interrupted save is never picked;
+leftover ``*.partial`` folders are removed by the next save.
+
+Worker side: :func:`save_fsdp_state` / :func:`load_fsdp_state` (called by the workers'
+``save_checkpoint`` / ``load_checkpoint`` on every rank: DCP calls are collective). The sharded state
+is read and written with ``torch.distributed.checkpoint.state_dict.get_state_dict`` /
+``set_state_dict`` + ``dcp.save`` / ``dcp.load``, so a checkpoint written by 2 ranks loads on 1 or 4.
+Controller side: :func:`save_checkpoint`, :func:`resume_from_checkpoint`, :func:`should_save`.
+:func:`load_model_state_dict` reads the full (unsharded) weights of a checkpoint in a plain process,
+without torch.distributed (used by ``python -m mtrl.models.export``).
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+
+from mtrl.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+META_FILE = "mtrl_checkpoint.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINER_RNG_FILE = "trainer_rng.pt"
+HF_DIR = "huggingface"
+MODEL_DIR = "model"
+OPTIM_DIR = "optim"
+PARTIAL_SUFFIX = ".partial"
+CHECKPOINT_FORMAT = 1
+
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+# ============================================================================= paths and discovery
+
+
+def step_dir_name(step: int) -> str:
+    return f"global_step_{int(step)}"
+
+
+def checkpoint_step(path: str) -> Optional[int]:
+    """N for a folder named ``global_step_N``, else None."""
+    match = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A finished checkpoint folder: its metadata file (written last) and the actor's DCP metadata exist."""
+    return (os.path.isfile(os.path.join(path, META_FILE))
+            and os.path.isfile(os.path.join(path, "actor", MODEL_DIR, ".metadata")))
+
+
+def list_checkpoints(run_dir: str) -> List[str]:
+    """Complete ``global_step_N`` folders of a run, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        step = checkpoint_step(name)
+        path = os.path.join(run_dir, name)
+        if step is not None and os.path.isdir(path) and is_complete_checkpoint(path):
+            found.append((step, path))
+    return [path for _, path in sorted(found)]
+
+
+def read_tracker(run_dir: str) -> Optional[int]:
+    """The step recorded in the run's tracker file, or None (no file, or not a number)."""
+    path = os.path.join(run_dir, TRACKER_FILE)
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        logger.warning("%s does not hold a step number; ignoring it", path)
+        return None
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_tracker(run_dir: str, step: int) -> None:
+    _atomic_write(os.path.join(run_dir, TRACKER_FILE), f"{int(step)}\n")
+
+
+def find_latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The checkpoint the tracker file names; without a tracker, the newest complete folder."""
+    step = read_tracker(run_dir)
+    if step is not None:
+        path = os.path.join(run_dir, step_dir_name(step))
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("%s names step %d but %s is missing or incomplete; looking for the newest complete "
+                       "checkpoint instead", TRACKER_FILE, step, path)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume_path(training_config, run_dir: str) -> Optional[str]:
+    """The checkpoint to resume from: ``load_checkpoint_path`` if given, else (with ``find_last_checkpoint``)
+    the run folder's latest one, else None."""
+    explicit = training_config.load_checkpoint_path
+    if explicit:
+        path = os.path.expanduser(str(explicit))
+        if not os.path.isdir(path):
+            raise UserError(f"`training.load_checkpoint_path` = {explicit!r}: no such folder.")
+        if not is_complete_checkpoint(path):
+            inside = list_checkpoints(path)
+            hint = f" It holds checkpoints; pass one of them, e.g. {inside[-1]!r}." if inside else ""
+            raise UserError(f"`training.load_checkpoint_path` = {explicit!r} is not a complete MTRL checkpoint "
+                            f"(a `global_step_N` folder with {META_FILE}).{hint}")
+        return path
+    if training_config.find_last_checkpoint:
+        return find_latest_checkpoint(run_dir)
+    return None
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    with open(os.path.join(path, META_FILE)) as f:
+        return json.load(f)
+
+
+def prune_checkpoints(run_dir: str, keep: Optional[int], protect: Iterable[str] = ()) -> List[str]:
+    """Delete all but the newest ``keep`` complete checkpoints (never one in ``protect``). Returns the removed."""
+    if not keep or keep <= 0:
+        return []
+    protected = {os.path.abspath(p) for p in protect}
+    found = list_checkpoints(run_dir)
+    removed = []
+    for path in found[:max(0, len(found) - keep)]:
+        if os.path.abspath(path) in protected:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def remove_partial_checkpoints(run_dir: str) -> None:
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        if name.startswith("global_step_") and (name.endswith(PARTIAL_SUFFIX) or name.endswith(".old")):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+# ============================================================================= RNG
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+        else:  # another GPU layout: this process's current device takes the first saved state
+            torch.cuda.set_rng_state(states[0])
+
+
+# ============================================================================= worker side (collective)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def save_fsdp_state(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    lr_scheduler: Any = None, hf_artifacts: Iterable[Any] = (), save_frozen: bool = True) -> None:
+    """Save one role's sharded model (+ optimizer) state into ``path`` (every rank must call this).
+
+    ``hf_artifacts``: objects with ``save_pretrained(folder)`` (model config, generation config, processor
+    or tokenizer, peft config) that rank 0 writes to ``path/huggingface``. ``save_frozen=False`` leaves the
+    frozen parameters out (QLoRA: the quantized base is reloaded from the model path instead).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    rank = _rank()
+    os.makedirs(path, exist_ok=True)
+    options = StateDictOptions(ignore_frozen_params=not save_frozen)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        model_sd, optim_sd = get_model_state_dict(model, options=options), None
+    dcp.save({"model": model_sd}, checkpoint_id=os.path.join(path, MODEL_DIR))
+    if optim_sd is not None:
+        dcp.save({"optim": optim_sd}, checkpoint_id=os.path.join(path, OPTIM_DIR))
+    extra = {"rng": rng_state(), "world_size": _world_size(), "rank": rank,
+             "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None}
+    torch.save(extra, os.path.join(path, f"extra_state_rank_{rank}.pt"))
+    if rank == 0:
+        hf_dir = os.path.join(path, HF_DIR)
+        os.makedirs(hf_dir, exist_ok=True)
+        for artifact in hf_artifacts:
+            if artifact is not None:
+                artifact.save_pretrained(hf_dir)
+    _barrier()
+
+
+def load_fsdp_state(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    lr_scheduler: Any = None, load_frozen: bool = True) -> Dict[str, Any]:
+    """Load what :func:`save_fsdp_state` wrote into an FSDP2 model (+ optimizer) at any world size.
+
+    Every rank must call this. The optimizer state is loaded when ``optimizer`` is given (it must exist in
+    the checkpoint); LR scheduler and RNG come from this rank's extra-state file, or rank 0's when the
+    checkpoint was written by fewer ranks. Returns that extra state.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    model_dir, optim_dir = os.path.join(path, MODEL_DIR), os.path.join(path, OPTIM_DIR)
+    if not os.path.isfile(os.path.join(model_dir, ".metadata")):
+        raise FileNotFoundError(f"{model_dir} is not a torch.distributed.checkpoint folder")
+    options = StateDictOptions(ignore_frozen_params=not load_frozen)
+    if optimizer is not None:
+        if not os.path.isfile(os.path.join(optim_dir, ".metadata")):
+            raise FileNotFoundError(f"{optim_dir} is missing: the checkpoint has no optimizer state to resume from")
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        dcp.load({"model": model_sd}, checkpoint_id=model_dir)
+        dcp.load({"optim": optim_sd}, checkpoint_id=optim_dir)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    else:
+        model_sd = get_model_state_dict(model, options=options)
+        dcp.load({"model": model_sd}, checkpoint_id=model_dir)
+        set_model_state_dict(model, model_sd, options=options)
+    rank = _rank()
+    extra_path = os.path.join(path, f"extra_state_rank_{rank}.pt")
+    if not os.path.isfile(extra_path):
+        extra_path = os.path.join(path, "extra_state_rank_0.pt")
+    extra: Dict[str, Any] = {}
+    if os.path.isfile(extra_path):
+        extra = torch.load(extra_path, map_location="cpu", weights_only=False)
+        if lr_scheduler is not None and extra.get("lr_scheduler") is not None:
+            lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        if extra.get("rng") is not None:
+            set_rng_state(extra["rng"])
+    _barrier()
+    return extra
+
+
+def load_model_state_dict(role_dir: str) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) model weights of one role folder (``.../global_step_N/actor``), in this process,
+    without torch.distributed (no Ray, no process group): plain tensors keyed by the training model's names."""
+    model_dir = os.path.join(role_dir, MODEL_DIR)
+    if not os.path.isfile(os.path.join(model_dir, ".metadata")):
+        raise FileNotFoundError(f"{model_dir} is not a torch.distributed.checkpoint folder")
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group, loading in a single process" notices
+        loaded = _load_state_dict_from_keys(checkpoint_id=model_dir)
+    state = loaded.get("model", loaded)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+
+
+# ============================================================================= controller side
+
+
+def should_save(save_freq: int, step: int, last_step: bool) -> bool:
+    """Every ``save_freq`` steps (-1: never in between) and always after the last step."""
+    return last_step or (save_freq > 0 and step % save_freq == 0)
+
+
+def _trainer_meta(trainer, step: int) -> Dict[str, Any]:
+    config = trainer.config
+    mcfg = config.worker.actor.model
+    actor = {"model_path": os.path.abspath(mcfg.model_path) if mcfg.model_path and os.path.exists(mcfg.model_path)
+             else mcfg.model_path,
+             "tokenizer_path": mcfg.tokenizer_path, "peft_type": mcfg.peft_type,
+             "frozen_params_saved": mcfg.peft_type != "qlora"}
+    if mcfg.peft_type:
+        actor["lora"] = {"rank": mcfg.lora_rank, "alpha": mcfg.lora_alpha, "dropout": mcfg.lora_dropout,
+                         "target_modules": list(mcfg.lora_target_modules)}
+    roles = ["actor"] + (["critic"] if getattr(trainer, "critic_wg", None) is not None else [])
+    return {"format": CHECKPOINT_FORMAT, "global_step": step, "world_size": config.training.world_size,
+            "roles": roles, "actor": actor, "experiment_name": config.training.experiment_name,
+            "project_name": config.training.project_name, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def save_checkpoint(trainer) -> str:
+    """Save the whole run state at ``trainer.global_step``; returns the checkpoint folder.
+
+    Writes into ``global_step_N.partial``, renames it, then updates the tracker and applies ``save_limit``.
+    """
+    run_dir = trainer.run_dir
+    step = int(trainer.global_step)
+    final = os.path.join(run_dir, step_dir_name(step))
+    partial = final + PARTIAL_SUFFIX
+    remove_partial_checkpoints(run_dir)
+    os.makedirs(partial)
+    trainer.actor_wg.save_checkpoint(os.path.join(partial, "actor"))
+    if getattr(trainer, "critic_wg", None) is not None:
+        trainer.critic_wg.save_checkpoint(os.path.join(partial, "critic"))
+    state = {"global_step": step,
+             "dataloader": trainer.train_loader.state_dict() if trainer.train_loader is not None else None,
+             "divergence": trainer.divergence.state_dict() if trainer.divergence is not None else None}
+    extra_state = getattr(trainer, "checkpoint_state", None)
+    if callable(extra_state):  # other trainer parts (stages, extra loaders) may add their own state
+        state["extra"] = extra_state()
+    with open(os.path.join(partial, TRAINER_STATE_FILE), "w") as f:
+        json.dump(state, f, indent=1)
+    torch.save(rng_state(), os.path.join(partial, TRAINER_RNG_FILE))
+    # The metadata file marks the folder complete: it is written last, then the folder is renamed.
+    _atomic_write(os.path.join(partial, META_FILE), json.dumps(_trainer_meta(trainer, step), indent=1))
+    if os.path.exists(final):  # the same step saved again (e.g. a rerun into the same folder)
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    write_tracker(run_dir, step)
+    removed = prune_checkpoints(run_dir, trainer.config.training.save_limit, protect=[final])
+    if removed:
+        print(f"[mtrl] save_limit={trainer.config.training.save_limit}: removed "
+              f"{', '.join(os.path.basename(p) for p in removed)}", file=sys.stderr)
+    return final
+
+
+def _check_compatible(path: str, meta: Dict[str, Any], config) -> None:
+    saved_peft = (meta.get("actor") or {}).get("peft_type")
+    wanted = config.worker.actor.model.peft_type
+    if (saved_peft or None) != (wanted or None):
+        raise UserError(f"checkpoint {path} was trained with worker.actor.model.peft_type={saved_peft} but this run "
+                        f"has peft_type={wanted}; set the same value to resume (or export it and start a new run "
+                        f"from the exported model).")
+
+
+def resume_from_checkpoint(trainer) -> Optional[str]:
+    """Load the checkpoint chosen by :func:`resolve_resume_path` into the workers and the trainer.
+
+    Returns its path (None when starting fresh). In val_only runs only the actor weights are loaded.
+    """
+    t = trainer.config.training
+    path = resolve_resume_path(t, trainer.run_dir)
+    if path is None:
+        return None
+    meta = read_meta(path)
+    _check_compatible(path, meta, trainer.config)
+    start = time.perf_counter()
+    trainer.actor_wg.load_checkpoint(os.path.join(path, "actor"))
+    critic_wg = getattr(trainer, "critic_wg", None)
+    if critic_wg is not None:
+        critic_dir = os.path.join(path, "critic")
+        if not is_dir_with_model(critic_dir):
+            raise UserError(f"checkpoint {path} has no critic state but this run trains a critic "
+                            f"(advantage_estimator=gae); resume with the estimator it was trained with.")
+        critic_wg.load_checkpoint(critic_dir)
+    with open(os.path.join(path, TRAINER_STATE_FILE)) as f:
+        state = json.load(f)
+    trainer.global_step = int(state["global_step"])
+    if not t.val_only:
+        if trainer.train_loader is not None and state.get("dataloader"):
+            trainer.train_loader.load_state_dict(state["dataloader"])
+        if trainer.divergence is not None and state.get("divergence"):
+            trainer.divergence.load_state_dict(state["divergence"])
+        rng_path = os.path.join(path, TRAINER_RNG_FILE)
+        if os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        load_extra = getattr(trainer, "load_checkpoint_state", None)
+        if callable(load_extra) and state.get("extra") is not None:
+            load_extra(state["extra"])
+    saved_world = meta.get("world_size")
+    note = f" (saved with {saved_world} workers, now {t.world_size})" if saved_world not in (None, t.world_size) else ""
+    total = getattr(trainer, "total_steps", None)
+    if not t.val_only and total is not None and trainer.global_step >= total:
+        note += (f"; the run already reached its last step ({total}), so there is nothing left to train (raise "
+                 f"training.max_steps / total_epochs, or set training.find_last_checkpoint=false or another "
+                 f"training.save_checkpoint_path to start afresh)")
+    what = "loaded the weights of" if t.val_only else "resumed from"
+    print(f"[mtrl] {what} {path} at step {trainer.global_step}{note} in {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
+    return path
+
+
+def is_dir_with_model(role_dir: str) -> bool:
+    return os.path.isfile(os.path.join(role_dir, MODEL_DIR, ".metadata"))
