@@ -211,7 +211,7 @@ def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
     sizes = [(20, 20), (56, 56), (100, 60), (300, 200), (33, 517), (640, 480)]
     rows = []
     for k, (w, h) in enumerate(sizes):
-        path = save_png(str(tmp_path / f"img{k}.png"), w, h)
+        save_png(str(tmp_path / f"img{k}.png"), w, h)
         rows.append({"prompt": "<image>Describe.", "answer": "a", "images": [f"img{k}.png"]})
     ds = make_dataset(tiny, arch, write_jsonl(tmp_path / "rows.jsonl", rows), min_pixels=28 * 28,
                       max_pixels=256 * 256)
@@ -370,7 +370,7 @@ def test_bad_rows_name_file_line_and_reason(tiny, tmp_path, caplog):
         path = write_jsonl(tmp_path / "rows.jsonl", [good, good, bad_row])
         with pytest.raises(DatasetError, match=match) as err:
             make_dataset(tiny, "qwen2_vl", path, **kwargs)
-        assert f"rows.jsonl, line 3" in str(err.value)
+        assert "rows.jsonl, line 3" in str(err.value)
 
     check({"answer": "a"}, "missing key 'prompt'")
     check({"prompt": "?", "images": []}, "missing key 'answer'")

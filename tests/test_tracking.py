@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mtrl.utils.tracking import (
-    LOGGER_NAMES,
     ConsoleBackend,
     MlflowBackend,
     Tracker,

@@ -23,7 +23,7 @@ import torch
 
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
-from mtrl.training.distributed_trainer import DistributedTrainer, _mean_over_ranks
+from mtrl.training.distributed_trainer import DistributedTrainer, mean_over_ranks
 from mtrl.training.sft import ExportOnFinish
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.sft_dataset import build_sft_dataset, pad_sequences
@@ -109,6 +109,6 @@ class ChordTrainer(ExportOnFinish, DistributedTrainer):
         update.meta.update(batch.meta)
         update.meta.update(chord_mu=mu, chord_phi=ch.enable_phi_function,
                            samples_per_mini_batch=len(update) // mini_batches)
-        metrics = _mean_over_ranks(self.actor_wg.update_actor(update))
+        metrics = mean_over_ranks(self.actor_wg.update_actor(update))
         metrics.update({"mu": mu, "expert/rows": float(len(expert)), "expert/fraction": len(expert) / len(update)})
         return metrics

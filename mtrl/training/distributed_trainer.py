@@ -26,7 +26,7 @@ from mtrl.models.loader import load_config as load_model_config
 from mtrl.models.loader import load_processor
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
-from mtrl.training.training_config import MTRLConfig, config_to_yaml, to_plain_dict
+from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
 from mtrl.utils import checkpoint
 from mtrl.utils.builtin_assets import ensure_builtin_assets
 from mtrl.utils.paths import absolutize_paths
@@ -37,16 +37,26 @@ from mtrl.utils.tracking import Tracker
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
 
 
+def open_run(config: MTRLConfig):
+    """Create the run directory with the resolved config; load the tokenizer, processor and model config."""
+    os.makedirs(config.training.run_dir, exist_ok=True)
+    with open(os.path.join(config.training.run_dir, "config.yaml"), "w") as f:
+        f.write(config_to_yaml(config))
+    model_cfg = config.worker.actor.model
+    tokenizer, processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
+    model_config = load_model_config(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+    return tokenizer, processor, model_config
+
+
+def uses_gpu(training: TrainingConfig) -> bool:
+    return training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available())
+
+
 class DistributedTrainer:
     def __init__(self, config: MTRLConfig):
         self.config = config
         self.run_dir = config.training.run_dir
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(config))
-        model_cfg = config.worker.actor.model
-        self.tokenizer, self.processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
-        model_config = load_model_config(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+        self.tokenizer, self.processor, model_config = open_run(config)
         self.val_loader = None
         if config.dataset.val_files:
             val_set = build_dataset(config.dataset.val_files, config.dataset, self.tokenizer, self.processor,
@@ -103,7 +113,7 @@ class DistributedTrainer:
         from mtrl.workers.actor.actor_worker import ActorRolloutRefWorker
 
         t = self.config.training
-        use_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        use_gpu = uses_gpu(t)
         lora.check_peft_supported(self.config.worker.actor.model, "cuda" if use_gpu else "cpu")
         self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
         roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, self.config, with_ref=self.use_reference,
@@ -208,18 +218,18 @@ class DistributedTrainer:
             metrics.update(self._apply_tprl(batch))
         if self.use_critic:
             with self._timer("update_critic"):
-                metrics.update(_mean_over_ranks(self.critic_wg.update_critic(batch)))
+                metrics.update(mean_over_ranks(self.critic_wg.update_critic(batch)))
         with self._timer("update_actor"):
             metrics.update(self._update_actor(batch))
 
         metrics.update(self.timing)
-        metrics.update(_throughput(batch, time.perf_counter() - step_start, self.config.training.world_size))
-        metrics.update(_length_metrics(batch))
+        metrics.update(throughput_metrics(batch, time.perf_counter() - step_start, self.config.training.world_size))
+        metrics.update(length_metrics(batch))
         return metrics
 
     def _update_actor(self, batch: DataBatch) -> Dict[str, float]:
         """The actor update (CHORD mixes expert rows in here: mtrl/training/chord.py)."""
-        return _mean_over_ranks(self.actor_wg.update_actor(batch))
+        return mean_over_ranks(self.actor_wg.update_actor(batch))
 
     # ------------------------------------------------------------------ phases
 
@@ -410,19 +420,19 @@ class DistributedTrainer:
 # ------------------------------------------------------------------ metric helpers
 
 
-def _mean_over_ranks(per_rank: List[Dict[str, float]]) -> Dict[str, float]:
+def mean_over_ranks(per_rank: List[Dict[str, float]]) -> Dict[str, float]:
     keys = per_rank[0].keys()
     return {k: float(np.mean([m[k] for m in per_rank if k in m])) for k in keys}
 
 
-def _throughput(batch: DataBatch, seconds: float, world_size: int) -> Dict[str, float]:
+def throughput_metrics(batch: DataBatch, seconds: float, world_size: int) -> Dict[str, float]:
     tokens = float(batch.tensors["attention_mask"].sum())
     return {"perf/tokens_per_second": tokens / seconds, "perf/samples_per_second": len(batch) / seconds,
             "perf/throughput": tokens / seconds / world_size, "perf/step_seconds": seconds,
             "perf/total_tokens": tokens}
 
 
-def _length_metrics(batch: DataBatch) -> Dict[str, float]:
+def length_metrics(batch: DataBatch) -> Dict[str, float]:
     lengths = batch.tensors["response_mask"].sum(-1).float()
     max_len = batch.tensors["responses"].shape[1]
     p = batch.tensors["prompts"].shape[1]

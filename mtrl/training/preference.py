@@ -22,26 +22,18 @@ a reward model folder is what `worker.reward.reward_model_path` takes.
 Checkpoints: not written during preference training (a stage that stops is run again from its start).
 """
 
-import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
-import torch
 
-from mtrl.models.loader import load_config as load_model_config
-from mtrl.models.loader import load_processor
 from mtrl.protocol import DataBatch
-from mtrl.training.training_config import MTRLConfig, config_to_yaml, to_plain_dict
+from mtrl.training.distributed_trainer import mean_over_ranks, open_run, uses_gpu
+from mtrl.training.training_config import MTRLConfig, to_plain_dict
 from mtrl.utils.data_mixing import build_mixed_dataset
 from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.sft_dataset import build_preference_dataset
 from mtrl.utils.tracking import Tracker
-
-
-def _mean(per_rank: List[Dict[str, float]]) -> Dict[str, float]:
-    keys = per_rank[0].keys()
-    return {k: float(sum(m[k] for m in per_rank) / len(per_rank)) for k in keys}
 
 
 class PreferenceTrainer:
@@ -50,12 +42,7 @@ class PreferenceTrainer:
         self.mode = config.training.mode
         self.export_dir = export_dir
         self.run_dir = config.training.run_dir
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(config))
-        mcfg = config.worker.actor.model
-        self.tokenizer, self.processor = load_processor(mcfg.tokenizer_path or mcfg.model_path)
-        model_config = load_model_config(mcfg.model_path, trust_remote_code=mcfg.trust_remote_code)
+        self.tokenizer, self.processor, model_config = open_run(config)
         d = config.dataset
         margin_key = config.optimization.reward_model.margin_key
 
@@ -83,8 +70,7 @@ class PreferenceTrainer:
         from mtrl.workers.preference_worker import PreferenceWorker
 
         t = self.config.training
-        use_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
+        self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=uses_gpu(t))
         self.worker_group = RayWorkerGroup(self.pool, RayClassWithInitArgs(PreferenceWorker, self.config, self.mode))
         self.worker_group.init_model(max(1, self.total_steps))
 
@@ -117,7 +103,7 @@ class PreferenceTrainer:
                         break
                     self.global_step += 1
                     start = time.perf_counter()
-                    metrics = _mean(self.worker_group.update(batch))
+                    metrics = mean_over_ranks(self.worker_group.update(batch))
                     metrics["perf/step_seconds"] = time.perf_counter() - start
                     metrics["training/epoch"] = epoch
                     last = self.global_step == self.total_steps

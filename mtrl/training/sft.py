@@ -23,7 +23,7 @@ import time
 from typing import Dict, Optional
 
 from mtrl.protocol import DataBatch
-from mtrl.training.distributed_trainer import DistributedTrainer, _length_metrics, _mean_over_ranks, _throughput
+from mtrl.training.distributed_trainer import DistributedTrainer, length_metrics, mean_over_ranks, throughput_metrics
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.data_mixing import build_mixed_dataset
 from mtrl.utils.dataset import build_dataloader
@@ -100,8 +100,8 @@ class SFTTrainer(ExportOnFinish, DistributedTrainer):
         if self.config.worker.actor.dynamic_batching:
             metrics.update(self._balance_across_ranks(batch))
         with self._timer("update_actor"):
-            metrics.update(_mean_over_ranks(self.actor_wg.update_actor(batch)))
+            metrics.update(mean_over_ranks(self.actor_wg.update_actor(batch)))
         metrics.update(self.timing)
-        metrics.update(_throughput(batch, time.perf_counter() - start, self.config.training.world_size))
-        metrics.update(_length_metrics(batch))
+        metrics.update(throughput_metrics(batch, time.perf_counter() - start, self.config.training.world_size))
+        metrics.update(length_metrics(batch))
         return metrics

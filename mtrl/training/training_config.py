@@ -334,6 +334,12 @@ def validate_config(config: MTRLConfig) -> None:
     if o.entropy_penalty_coef < 0:
         raise ConfigError(f"`optimization.entropy_penalty_coef` = {o.entropy_penalty_coef} must be >= 0.")
 
+    if a.ulysses_size != 1:
+        raise ConfigError(f"`worker.actor.ulysses_size` = {a.ulysses_size}: Ulysses sequence parallelism is not "
+                          f"implemented in this version of MTRL; use 1.")
+    if a.use_torch_compile:
+        raise ConfigError("`worker.actor.use_torch_compile` = true is not supported in this version of MTRL "
+                          "(FSDP2 + varlen attention are not compiled yet); use false.")
     _positive("worker.actor.clip_ratio_low", a.clip_ratio_low)
     _positive("worker.actor.clip_ratio_high", a.clip_ratio_high)
     if a.clip_ratio_dual <= 1:

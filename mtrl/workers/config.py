@@ -53,45 +53,40 @@ class OffloadConfig:
 
 
 @dataclass
-class ActorConfig:
+class TrainedRoleConfig:
+    """What the actor and the critic share: a model trained with FSDP2 in micro-batches."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
-    # Prompts per PPO mini-batch (each brings `rollout.n` responses), as in verl and EasyR1.
-    global_batch_size: int = 256
     micro_batch_size_per_device_for_update: int = 2
     micro_batch_size_per_device_for_experience: int = 8
     ppo_epochs: int = 1
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.3
-    clip_ratio_dual: float = 3.0
     max_grad_norm: float = 1.0
     loss_agg_mode: str = "token-mean"
     padding_free: bool = True
     dynamic_batching: bool = True
     max_token_len_per_device: int = 16384
+
+
+@dataclass
+class ActorConfig(TrainedRoleConfig):
+    # Prompts per PPO mini-batch (each brings `rollout.n` responses), as in verl and EasyR1.
+    global_batch_size: int = 256
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.3
+    clip_ratio_dual: float = 3.0
     ulysses_size: int = 1
     use_torch_compile: bool = False
 
 
 @dataclass
-class CriticConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+class CriticConfig(TrainedRoleConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
     # None: the actor's global_batch_size.
     global_batch_size: Optional[int] = None
-    micro_batch_size_per_device_for_update: int = 2
-    micro_batch_size_per_device_for_experience: int = 8
-    ppo_epochs: int = 1
     cliprange_value: float = 0.5
-    max_grad_norm: float = 1.0
-    loss_agg_mode: str = "token-mean"
-    padding_free: bool = True
-    dynamic_batching: bool = True
-    max_token_len_per_device: int = 16384
 
 
 @dataclass

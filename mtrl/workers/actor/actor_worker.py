@@ -5,7 +5,7 @@ One Ray actor per device runs this class; the controller calls its methods on th
 generate -> old log-probs (+entropy) -> perception pass -> reference log-probs -> update.
 """
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import transformers
@@ -14,7 +14,6 @@ from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
 from mtrl.models import lora
 from mtrl.models.attention import enable_padding_free_attention
 from mtrl.models.loader import decoder_layers, load_model, load_processor, vision_tower
-from mtrl.models.multimodal import is_vision_config
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, Worker, register
 from mtrl.training.training_config import MTRLConfig
