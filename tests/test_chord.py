@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from test_agent import tiny_model
 
 from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
-from mtrl.models.attention import enable_padding_free_attention
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
@@ -70,15 +69,6 @@ def test_sft_loss_token_mean_and_phi_weighting():
 
 
 # ----------------------------------------------------------------------------- the agent's mixed loss
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = Qwen2ForCausalLM(config).float()
-    enable_padding_free_attention(model)
-    return model
 
 
 def make_batch(seed=1):

@@ -166,6 +166,14 @@ def _group_statistics(scores: torch.Tensor, index: np.ndarray):
     return size[group], mean[group], sq_dev[group]
 
 
+
+def _broadcast_group_advantage(advantage: torch.Tensor, size: torch.Tensor, token_level_rewards: torch.Tensor,
+                               response_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence group advantages (0 for groups of one) on every valid token; returns == advantages."""
+    advantage = torch.where(size > 1, advantage, torch.zeros_like(advantage))
+    advantages = advantage.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
+    return advantages, advantages.clone()
+
 @register_advantage_estimator("grpo")
 @torch.no_grad()
 def compute_grpo_outcome_advantage(
@@ -188,9 +196,7 @@ def compute_grpo_outcome_advantage(
     if norm_adv_by_std:
         std = torch.sqrt(sq_dev / (size - 1).clamp(min=1))
         advantage = advantage / (std + epsilon)
-    advantage = torch.where(size > 1, advantage, torch.zeros_like(advantage))
-    advantages = advantage.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
-    return advantages, advantages.clone()
+    return _broadcast_group_advantage(advantage, size, token_level_rewards, response_mask)
 
 
 @register_advantage_estimator("rloo")
@@ -211,9 +217,7 @@ def compute_rloo_outcome_advantage(
     scores = token_level_rewards.sum(dim=-1)
     size, mean, _ = _group_statistics(scores, index)
     advantage = (scores.double() - mean) * size / (size - 1).clamp(min=1)
-    advantage = torch.where(size > 1, advantage, torch.zeros_like(advantage))
-    advantages = advantage.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
-    return advantages, advantages.clone()
+    return _broadcast_group_advantage(advantage, size, token_level_rewards, response_mask)
 
 
 @register_advantage_estimator("reinforce_plus_plus")
