@@ -69,12 +69,20 @@ def build_config(args, seed: int):
     for variant, flags in VARIANTS.items():
         if args.only and variant not in args.only:
             continue
-        stages.append(replace(rl_template, name=stage_name(variant), mode="rl",
-                              training={"max_steps": args.rl_steps, "val_freq": args.val_freq,
-                                        "val_before_train": False},
-                              optimization=dict(flags),
-                              worker={"actor": {"model": {"model_path": export, "build_tiny_if_missing": None}}}))
+        # The variant's switches and the shared warmup go on top of the RL stage's own overrides.
+        sections = merged_sections(rl_template, {
+            "training": {"max_steps": args.rl_steps, "val_freq": args.val_freq, "val_before_train": False},
+            "optimization": dict(flags),
+            "worker": {"actor": {"model": {"model_path": export, "build_tiny_if_missing": None}}}})
+        stages.append(replace(rl_template, name=stage_name(variant), mode="rl", **sections))
     return replace(base, stages=stages)
+
+
+def merged_sections(stage, overrides: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return {k: OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(getattr(stage, k) or {}), v))
+            for k, v in overrides.items()}
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
@@ -260,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.yaml"))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--sft-steps", type=int, default=None, help="default: the config's SFT stage")
-    p.add_argument("--rl-steps", type=int, default=30)
+    p.add_argument("--rl-steps", type=int, default=None, help="default: the config's RL stage")
     p.add_argument("--val-freq", type=int, default=10)
     p.add_argument("--rl-lr", type=float, default=None, help="default: the config's")
     p.add_argument("--target", type=float, default=0.8)
@@ -270,10 +278,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-dependency-check", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if args.sft_steps is None:
+    if args.sft_steps is None or args.rl_steps is None:
         from mtrl.training.training_config import load_config
-        st = load_config([f"config={args.config}"]).stages[0]
-        args.sft_steps = int((st.training or {}).get("max_steps"))
+        cfg = load_config([f"config={args.config}"])
+        if args.sft_steps is None:
+            args.sft_steps = int((cfg.stages[0].training or {}).get("max_steps"))
+        if args.rl_steps is None:
+            args.rl_steps = int((cfg.stages[-1].training or {}).get("max_steps") or cfg.training.max_steps)
     start = time.perf_counter()
     if not args.report_only:
         from mtrl.training.stages import run_stages

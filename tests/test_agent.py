@@ -42,7 +42,7 @@ def make_batch():
     })
 
 
-def run_update(micro_batch_size, dynamic, loss_agg_mode, token_budget=1000):
+def run_update(micro_batch_size, dynamic, loss_agg_mode, token_budget=1000, opt=None):
     model = tiny_model()
     config = ActorConfig(micro_batch_size_per_device_for_update=micro_batch_size,
                          micro_batch_size_per_device_for_experience=3, dynamic_batching=dynamic,
@@ -53,7 +53,8 @@ def run_update(micro_batch_size, dynamic, loss_agg_mode, token_budget=1000):
     old = agent.compute_log_probs(batch, temperature=1.0)["log_probs"]
     # Perturb the old log-probs so that some ratios are clipped.
     batch.tensors["old_log_probs"] = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))
-    metrics = agent.update_policy(batch, temperature=1.0, opt=OptimizationConfig(), mini_batch_size=ROWS)
+    metrics = agent.update_policy(batch, temperature=1.0, opt=opt or OptimizationConfig(),
+                                  mini_batch_size=ROWS)
     return model, metrics
 
 
@@ -65,6 +66,19 @@ def test_micro_batch_size_does_not_change_the_step(mode):
         for (name, p), q in zip(reference.named_parameters(), model.parameters()):
             torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=f"{name} differs (micro={micro}, dynamic={dynamic})")
         assert metrics["actor/pg_loss"] == pytest.approx(ref_metrics["actor/pg_loss"], abs=1e-5)
+
+
+def test_entropy_bonus_is_micro_batch_invariant_and_changes_the_step():
+    opt = OptimizationConfig(entropy_bonus_coef=0.5)
+    reference, ref_metrics = run_update(ROWS, False, "token-mean", opt=opt)
+    plain, _ = run_update(ROWS, False, "token-mean")
+    assert max((p - q).abs().max().item() for p, q in zip(reference.parameters(), plain.parameters())) > 1e-4
+    model, metrics = run_update(0, True, "token-mean", 25, opt=opt)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=f"{name} differs with dynamic batching")
+    # The logged term is -mean entropy over the mini-batch's response tokens, the same however it is cut.
+    assert metrics["actor/entropy_bonus_loss"] == pytest.approx(ref_metrics["actor/entropy_bonus_loss"], abs=1e-5)
+    assert ref_metrics["actor/entropy_bonus_loss"] < 0
 
 
 def test_compute_log_probs_keeps_row_order_with_dynamic_batching():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mtrl.optimization.policy_optimization import AdaptiveDivergenceController
+from mtrl.optimization.policy_optimization import AdaptiveDivergenceController, EntropyBonusController
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils import checkpoint as ckpt
 from mtrl.utils.errors import UserError
@@ -95,7 +95,8 @@ def fake_trainer(run_dir, save_limit=None, **training):
     scheduler = fsdp_utils.build_lr_scheduler(optimizer, OptimConfig(warmup_steps=3, lr_scheduler_type="cosine"), 10)
     return SimpleNamespace(config=config, run_dir=str(run_dir), actor_wg=FakeGroup(model, optimizer, scheduler),
                            critic_wg=None, train_loader=FakeLoader(), global_step=0,
-                           divergence=AdaptiveDivergenceController(0.1, 6.0, 100))
+                           divergence=AdaptiveDivergenceController(0.1, 6.0, 100),
+                           entropy_bonus=EntropyBonusController("adaptive", 0.0, target=0.5, step=0.01))
 
 
 def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
@@ -106,6 +107,7 @@ def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
         trainer.global_step = step
         trainer.train_loader.offset = 16 * step
         trainer.divergence.update(10.0, 10)
+        trainer.entropy_bonus.coefficient(0.1)  # below target: the coefficient grows by one step
         path = ckpt.save_checkpoint(trainer)
         assert ckpt.read_tracker(trainer.run_dir) == step
     assert os.path.basename(path) == "global_step_3"
@@ -132,6 +134,7 @@ def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
     assert torch.equal(torch.rand(3), expected_draw)
     assert fresh.global_step == 3 and fresh.train_loader.offset == 48
     assert fresh.divergence.value == pytest.approx(expected_coef) and expected_coef != 0.1
+    assert fresh.entropy_bonus.value == pytest.approx(0.03)
     for key, value in fresh.actor_wg.model.state_dict().items():
         assert torch.equal(value, expected_model[key]), key
     got_optim = fresh.actor_wg.optimizer.state_dict()

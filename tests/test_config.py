@@ -37,6 +37,7 @@ SPEC_DEFAULTS = {
     "optimization.top_p_entropy_tokens": 0.2, "optimization.top_p_perception_tokens": 0.2,
     "optimization.trajectory_scaling_min": 0.8, "optimization.trajectory_scaling_max": None,
     "optimization.use_entropy_penalty": False, "optimization.entropy_penalty_coef": 0.06,
+    "optimization.entropy_bonus_coef": 0.0,
     "optimization.dependency_estimator": "sampled_k3", "optimization.perception_patch_size": 14,
     "optimization.perception_mask_prob": 0.5, "optimization.filter_scope": "sequence",
     "worker.hybrid_engine": True, "worker.actor.model.trust_remote_code": False,
@@ -114,6 +115,7 @@ def test_wrong_type_names_key():
     ("worker.actor.global_batch_size=1 worker.rollout.n=3", r"must divide evenly over 2 workers"),
     ("training.logger=[console,slack]", r"training.logger.*console, file, wandb"),
     ("optimization.filter_low=0.9", r"filter_low"),
+    ("optimization.entropy_bonus_coef=-0.1", r"optimization.entropy_bonus_coef.*>= 0"),
 ])
 def test_out_of_range_values_rejected(override, pattern):
     args = [*BASE, *override.split()]

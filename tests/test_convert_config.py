@@ -27,6 +27,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.actor.ppo_mini_batch_size=256 \
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16 \
     actor_rollout_ref.actor.use_kl_loss=False \
+    actor_rollout_ref.actor.entropy_coeff=0.001 \
     actor_rollout_ref.rollout.name=vllm \
     critic.optim.lr=1e-5 \
     critic.model.path=/m/Qwen2-7B-Instruct \
@@ -55,6 +56,7 @@ def test_verl_ppo_with_reward_model_converts_to_a_loadable_config(tmp_path):
     out = c.tree()
     assert out["optimization"]["advantage_estimator"] == "gae"
     assert out["optimization"]["disable_divergence"] is True  # no KL in the reward, no KL loss
+    assert out["optimization"]["entropy_bonus_coef"] == pytest.approx(0.001)
     assert out["dataset"]["train_files"] == "/d/gsm8k/train.parquet,/d/math/train.parquet"
     assert out["dataset"]["rollout_batch_size"] == 1024
     assert out["worker"]["actor"]["global_batch_size"] == 256

@@ -71,7 +71,8 @@ def test_quickstart_runs_end_to_end_with_tprl(workdir):
     ("gae", ["optimization.disable_divergence=false"]),          # critic + divergence as reward penalty
     ("rloo", ["optimization.disable_divergence=false", "optimization.use_divergence_loss=true",
               "optimization.divergence_penalty=low_var_kl"]),  # divergence as a loss term
-    ("remax", []),
+    ("remax", ["optimization.entropy_bonus_type=adaptive", "optimization.entropy_target=100",
+               "optimization.entropy_bonus_step=0.01"]),  # + the adaptive entropy bonus, always below target
     ("grpo", ["optimization.online_filtering=true", "optimization.filter_low=0.0"]),
     ("reinforce_plus_plus", ["optimization.divergence_type=adaptive", "optimization.disable_divergence=false"]),
 ])
@@ -85,6 +86,9 @@ def test_each_estimator(workdir, estimator, extra):
         assert "actor/divergence_loss" in keys and "actor/reward_divergence" not in keys
     if estimator == "remax":
         assert "timing/remax_baseline" in keys
+        train_rows = [r for r in rows if "actor/pg_loss" in r]
+        assert [r["actor/entropy_bonus_coef"] for r in train_rows] == pytest.approx([0.01, 0.02])
+        assert all(r["actor/entropy_bonus_loss"] < 0 for r in train_rows)
     if estimator == "grpo":
         assert {"filter/tries", "filter/kept_fraction"} <= keys
 

@@ -337,6 +337,36 @@ def test_entropy_penalty():
     close(po.compute_entropy_penalty(log_probs, mask, "seq-mean-token-sum", coef=0.06, global_seq_count=2), 0.09)
 
 
+def test_entropy_bonus_value_and_that_its_gradient_raises_entropy():
+    entropy, mask = T([[0.5, 1.5, 9.0], [1.0, 0.0, 0.0]]), T([[1, 1, 0], [1, 0, 0]])
+    close(po.compute_entropy_bonus(entropy, mask), -(0.5 + 1.5 + 1.0) / 3)
+    close(po.compute_entropy_bonus(entropy, mask, coef=0.1, global_token_count=6), -0.1 * 3.0 / 6)
+    close(po.compute_entropy_bonus(entropy, mask, "seq-mean-token-mean"), -(1.0 + 1.0) / 2)
+    # One gradient step on the bonus makes every distribution flatter.
+    logits = torch.tensor([[[3.0, 0.0, -1.0], [0.0, 2.0, 0.5]]], requires_grad=True)
+    before = po.entropy_from_logits(logits).detach()
+    po.compute_entropy_bonus(po.entropy_from_logits(logits), T([[1, 1]])).backward()
+    with torch.no_grad():
+        after = po.entropy_from_logits(logits - 0.5 * logits.grad)
+    assert bool((after > before + 1e-3).all())
+
+
+def test_entropy_bonus_controllers():
+    fixed = po.EntropyBonusController("fixed", 0.05)
+    assert [fixed.coefficient(h) for h in (0.0, 9.0)] == [0.05, 0.05]
+    ctl = po.EntropyBonusController("adaptive", 0.0, target=0.5, step=0.01)
+    # Below target the coefficient grows and applies; above it shrinks (never below 0) and does not apply.
+    applied = [ctl.coefficient(h) for h in (0.2, 0.3, 0.4, 0.9, 0.1, 0.9, 0.9, 0.9)]
+    assert applied == pytest.approx([0.01, 0.02, 0.03, 0.0, 0.03, 0.0, 0.0, 0.0])
+    assert ctl.value == 0.0
+    ctl.load_state_dict({"value": 0.2})
+    assert ctl.coefficient(0.0) == pytest.approx(0.21) and ctl.state_dict() == {"value": pytest.approx(0.21)}
+    with pytest.raises(ValueError, match="target > 0"):
+        po.EntropyBonusController("adaptive", 0.0, target=0.0)
+    with pytest.raises(ValueError, match="unknown entropy bonus controller"):
+        po.EntropyBonusController("pid", 0.0)
+
+
 # ------------------------------------------------------------------------ log-probs and entropy
 
 

@@ -1,9 +1,9 @@
 """The quickstart (configs/quickstart.yaml): an SFT warmup then TPRL RL, from one command.
 
-The fast test checks the shipped config's shape; the slow one runs the whole quickstart (about two
-minutes on 2 CPU cores) and checks that it ends with the summary lines and that RL did not lose
-validation accuracy relative to the SFT warmup (see benchmarks/results/tprl_study.md for the gains
-measured over seeds).
+The fast test checks the shipped config's shape; the slow one runs the whole quickstart (about three
+minutes on 2 CPU cores) and checks that it ends with the summary lines and that RL raised validation
+accuracy well above the SFT warmup's (default seed: 0.33 -> 0.99; benchmarks/results/tprl_study.md
+has the gains measured over seeds).
 """
 
 import json
@@ -30,6 +30,9 @@ def test_quickstart_is_sft_warmup_then_tprl_on_two_workers():
     assert rl.training.n_gpus_per_node == 2
     opt = rl.optimization
     assert opt.enable_entropy_filtering and opt.enable_perception_filtering and opt.enable_trajectory_reweighting
+    # The RL stage is anchored to the warmup policy (see the config's comment for why).
+    assert not opt.disable_divergence and opt.use_divergence_loss and opt.divergence_coef > 0
+    assert stages[0].config.optimization.disable_divergence  # the SFT warmup needs no reference model
     assert rl.worker.actor.model.model_path == stages[0].export_dir
     assert config.dataset.generate_if_missing and stages[0].config.worker.actor.model.build_tiny_if_missing
 
@@ -46,7 +49,7 @@ def test_quickstart_runs_and_reports_the_accuracy_change(tmp_path):
     m = re.search(r"val/accuracy: sft_warmup ([0-9.]+) -> after rl ([0-9.]+)", "\n".join(tail))
     assert m, tail
     sft, rl = float(m.group(1)), float(m.group(2))
-    assert rl >= sft
+    assert rl >= sft + 0.3, (sft, rl)
     run = tmp_path / "outputs" / "quickstart" / "run"
     rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert any("actor/perception_token_fraction" in r for r in rows)

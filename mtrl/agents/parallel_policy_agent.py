@@ -84,7 +84,7 @@ class ParallelPolicyAgent:
     # ------------------------------------------------------------------ forward passes
 
     def _forward(self, mb: DataBatch, temperature: float, return_entropy: bool = False,
-                 return_logits: bool = False,
+                 return_logits: bool = False, entropy_bonus: bool = False,
                  transform_vision: Optional[Callable[[List[dict], DataBatch], List[dict]]] = None) -> Dict:
         tensors = {k: mb.tensors[k].to(self.device) for k in FORWARD_KEYS if k in mb.tensors}
         vision = mb.non_tensors.get("multi_modal_inputs")
@@ -92,7 +92,8 @@ class ParallelPolicyAgent:
             vision = transform_vision(list(vision), mb)
         return forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
                                    response_length=mb.tensors["responses"].shape[1], temperature=temperature,
-                                   padding_free=self.config.padding_free, return_entropy=return_entropy,
+                                   padding_free=self.config.padding_free,
+                                   return_entropy=return_entropy or entropy_bonus, entropy_grad=entropy_bonus,
                                    return_logits=return_logits)
 
     @torch.no_grad()
@@ -165,8 +166,8 @@ class ParallelPolicyAgent:
                         mini_metrics[k] = mini_metrics.get(k, 0.0) + v
                 record("actor/grad_norm", clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm))
                 # Loss terms were normalised by the global counts: their sum over ranks is the mini-batch mean.
-                for k in ("actor/pg_loss", "actor/divergence_loss", "actor/entropy_loss", "usual/pg_loss",
-                          "expert/sft_loss"):
+                for k in ("actor/pg_loss", "actor/divergence_loss", "actor/entropy_loss", "actor/entropy_bonus_loss",
+                          "usual/pg_loss", "expert/sft_loss"):
                     if k in mini_metrics:
                         record(k, all_reduce_sum(mini_metrics.pop(k), self.device))
                 n_micro = mini_metrics.pop("_count")
@@ -179,7 +180,7 @@ class ParallelPolicyAgent:
         if "is_expert" in mb.tensors:
             return self._mixed_micro_batch_loss(mb, temperature, opt, norm)
         cfg = self.config
-        out = self._forward(mb, temperature)
+        out = self._forward(mb, temperature, entropy_bonus=opt.entropy_bonus_coef > 0)
         log_probs = out["log_probs"]
         t = {k: v.to(self.device) for k, v in mb.tensors.items()
              if k in ("old_log_probs", "advantages", "response_mask", "token_mask", "ref_log_probs")}
@@ -192,23 +193,38 @@ class ParallelPolicyAgent:
                    "actor/clipfrac": float(pg_metrics["pg_clipfrac"]),
                    "actor/clipfrac_lower": float(pg_metrics["pg_clipfrac_lower"]),
                    "actor/approx_kl": float(pg_metrics["ppo_kl"])}
+        loss = loss + self._regularisation(out, t.get("ref_log_probs"), mask, opt, norm, metrics)
+        return loss, metrics
+
+    def _regularisation(self, out: Dict[str, torch.Tensor], ref_log_probs: Optional[torch.Tensor],
+                        mask: torch.Tensor, opt: OptimizationConfig, norm: Dict[str, float],
+                        metrics: Dict[str, float]) -> torch.Tensor:
+        """The optional loss terms added to the policy loss of RL rows: divergence from the reference,
+        entropy penalty, entropy bonus (each normalised like the policy loss, logged unscaled)."""
+        agg = self.config.loss_agg_mode
+        total = out["log_probs"].new_zeros(())
         if opt.use_divergence_loss and not opt.disable_divergence:
-            divergence = po.compute_divergence(log_probs, t["ref_log_probs"], opt.divergence_penalty)
-            div_loss = po.aggregate_loss(divergence, mask, cfg.loss_agg_mode, **norm)
-            loss = loss + opt.divergence_coef * div_loss
+            divergence = po.compute_divergence(out["log_probs"], ref_log_probs, opt.divergence_penalty)
+            div_loss = po.aggregate_loss(divergence, mask, agg, **norm)
+            total = total + opt.divergence_coef * div_loss
             metrics["actor/divergence_loss"] = div_loss.item()
         if opt.use_entropy_penalty:
-            ent_loss = po.compute_entropy_penalty(log_probs, mask, loss_agg_mode=cfg.loss_agg_mode, **norm)
-            loss = loss + opt.entropy_penalty_coef * ent_loss
+            ent_loss = po.compute_entropy_penalty(out["log_probs"], mask, loss_agg_mode=agg, **norm)
+            total = total + opt.entropy_penalty_coef * ent_loss
             metrics["actor/entropy_loss"] = ent_loss.item()
-        return loss, metrics
+        if opt.entropy_bonus_coef > 0:
+            bonus = po.compute_entropy_bonus(out["entropy"], mask, loss_agg_mode=agg, **norm)
+            total = total + opt.entropy_bonus_coef * bonus
+            metrics["actor/entropy_bonus_loss"] = bonus.item()
+        return total
 
     def _mixed_micro_batch_loss(self, mb: DataBatch, temperature: float, opt: OptimizationConfig,
                                 norm: Dict[str, Dict[str, float]]) -> Tuple[torch.Tensor, Dict[str, float]]:
         """CHORD: ``(1 - mu) * pg_loss(usual rows) + mu * sft_loss(expert rows)``; pure SFT when all rows are expert."""
         cfg = self.config
         mu = float(mb.meta.get("chord_mu", 1.0))
-        log_probs = self._forward(mb, temperature)["log_probs"]
+        out = self._forward(mb, temperature, entropy_bonus=opt.entropy_bonus_coef > 0)
+        log_probs = out["log_probs"]
         usual_mask, expert_mask = (m.to(self.device) for m in expert_masks(mb))
         loss = log_probs.new_zeros(())
         metrics: Dict[str, float] = {"_count": 1.0}
@@ -225,16 +241,7 @@ class ParallelPolicyAgent:
                             "actor/clipfrac": float(pg_metrics["pg_clipfrac"]),
                             "actor/clipfrac_lower": float(pg_metrics["pg_clipfrac_lower"]),
                             "actor/approx_kl": float(pg_metrics["ppo_kl"])})
-            if opt.use_divergence_loss and not opt.disable_divergence:
-                divergence = po.compute_divergence(log_probs, t["ref_log_probs"], opt.divergence_penalty)
-                div_loss = po.aggregate_loss(divergence, usual_mask, cfg.loss_agg_mode, **norm["usual"])
-                loss = loss + opt.divergence_coef * div_loss
-                metrics["actor/divergence_loss"] = div_loss.item()
-            if opt.use_entropy_penalty:
-                ent_loss = po.compute_entropy_penalty(log_probs, usual_mask, loss_agg_mode=cfg.loss_agg_mode,
-                                                      **norm["usual"])
-                loss = loss + opt.entropy_penalty_coef * ent_loss
-                metrics["actor/entropy_loss"] = ent_loss.item()
+            loss = loss + self._regularisation(out, t.get("ref_log_probs"), usual_mask, opt, norm["usual"], metrics)
         if norm["expert"]["global_token_count"] > 0:
             sft_loss = po.compute_sft_loss(log_probs, expert_mask, opt.chord.sft_loss_agg_mode,
                                            enable_phi_function=bool(mb.meta.get("chord_phi", False)),

@@ -5,6 +5,7 @@ from typing import Optional
 
 ADVANTAGE_ESTIMATOR_NAMES = ("gae", "grpo", "rloo", "remax", "reinforce_plus_plus")
 DIVERGENCE_PENALTY_NAMES = ("kl", "abs", "mse", "low_var_kl")
+CONTROLLER_TYPE_NAMES = ("fixed", "adaptive")
 DEPENDENCY_ESTIMATOR_NAMES = ("sampled_k3", "full_kl")
 FILTER_SCOPE_NAMES = ("sequence", "batch")
 DPO_LOSS_TYPE_NAMES = ("sigmoid", "hinge", "ipo")
@@ -84,6 +85,14 @@ class OptimizationConfig:
 
     use_entropy_penalty: bool = False
     entropy_penalty_coef: float = 0.06
+    # Entropy bonus (verl's `actor.entropy_coeff`): loss -= coef * agg(entropy of the full next-token
+    # distribution); keeps the policy exploring where it would otherwise collapse. 0 = off (fixed).
+    # adaptive: the coefficient starts at entropy_bonus_coef and moves by entropy_bonus_step per step
+    # towards holding the mean response-token entropy at entropy_target (Skywork-OR1).
+    entropy_bonus_coef: float = 0.0
+    entropy_bonus_type: str = "fixed"
+    entropy_target: float = 0.5
+    entropy_bonus_step: float = 0.005
 
     chord: ChordConfig = field(default_factory=ChordConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

@@ -381,6 +381,43 @@ def build_divergence_controller(
     raise ValueError(f"unknown divergence controller type {controller_type!r}; known: ['adaptive', 'fixed']")
 
 
+class EntropyBonusController:
+    """The entropy bonus coefficient, fixed or steered towards a target entropy.
+
+    ``fixed``: ``coefficient(entropy)`` is always ``coef``. ``adaptive`` (adaptive entropy control,
+    Skywork-OR1, arXiv 2505.22312): after each batch with mean response-token entropy ``H``,
+    ``value = max(0, value + step * sign(target - H))``, and the bonus applies only while ``H < target``
+    (coefficient 0 above it). The bonus then holds the entropy near the target: it cannot drive the
+    policy to noise (as a fixed coefficient large enough to stop a collapse can), nor let it collapse.
+    Only ``value`` is checkpointed; target and step come from the config.
+    """
+
+    def __init__(self, controller_type: str, coef: float, target: float = 0.5, step: float = 0.005):
+        if controller_type not in ("fixed", "adaptive"):
+            raise ValueError(f"unknown entropy bonus controller {controller_type!r}; known: ['adaptive', 'fixed']")
+        if controller_type == "adaptive" and (target <= 0 or step <= 0):
+            raise ValueError(f"adaptive entropy control needs target > 0 and step > 0, got {target}, {step}")
+        self.adaptive = controller_type == "adaptive"
+        self.value = float(coef)
+        self.target = float(target)
+        self.step = float(step)
+
+    def coefficient(self, current_entropy: Number) -> float:
+        """The coefficient for a batch whose mean response-token entropy is ``current_entropy``
+        (adaptive: updates ``value`` first)."""
+        if not self.adaptive:
+            return self.value
+        below = float(current_entropy) < self.target
+        self.value = max(0.0, self.value + (self.step if below else -self.step))
+        return self.value if below else 0.0
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss aggregation and losses
 # ---------------------------------------------------------------------------------------------
@@ -539,6 +576,27 @@ def compute_entropy_penalty(
     """
     return coef * aggregate_loss(-log_probs, response_mask, loss_agg_mode, global_token_count, global_seq_count,
                                  loss_scale_factor=loss_scale_factor)
+
+
+def compute_entropy_bonus(
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    *,
+    coef: float = 1.0,
+    global_token_count: Optional[Number] = None,
+    global_seq_count: Optional[Number] = None,
+    loss_scale_factor: Optional[float] = None,
+) -> torch.Tensor:
+    """Entropy bonus term ``-coef * agg(entropy)`` (verl's ``entropy_coeff``), a loss to add.
+
+    ``entropy`` is the full next-token entropy per response token (``entropy_from_logits``, with its
+    graph), so unlike the sampled-token penalty above its gradient raises the entropy: it keeps a
+    policy exploring instead of collapsing onto one answer before the reward can tell answers apart.
+    Added when ``optimization.entropy_bonus_coef`` > 0, with the policy loss's aggregation and normalisers.
+    """
+    return -coef * aggregate_loss(entropy, response_mask, loss_agg_mode, global_token_count, global_seq_count,
+                                  loss_scale_factor=loss_scale_factor)
 
 
 # ---------------------------------------------------------------------------------------------

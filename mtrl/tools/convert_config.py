@@ -225,6 +225,7 @@ def verl_table() -> Dict[str, Any]:
         f"{a}.clip_ratio": lambda v, c: (c.set("worker.actor.clip_ratio_low", v), c.set("worker.actor.clip_ratio_high", v)),
         f"{a}.clip_ratio_low": to("worker.actor.clip_ratio_low"),
         f"{a}.clip_ratio_high": to("worker.actor.clip_ratio_high"),
+        f"{a}.entropy_coeff": to("optimization.entropy_bonus_coef"),
         f"{a}.clip_ratio_c": to("worker.actor.clip_ratio_dual"),
         f"{a}.ppo_epochs": to("worker.actor.ppo_epochs"),
         f"{a}.loss_agg_mode": ("choice", "worker.actor.loss_agg_mode", LOSS_AGG),
@@ -419,12 +420,6 @@ def _special_verl(flat: Dict[str, Value], c: Converter) -> set:
         if flat["data.truncation"] != "error":
             c.skip("data.truncation", flat["data.truncation"], "MTRL never truncates prompts: over-long prompts are "
                    "dropped (filter_overlong_prompts=true) or an error")
-    coeff = flat.get(f"{a}.entropy_coeff")
-    if coeff is not None:
-        done.add(f"{a}.entropy_coeff")
-        if float(coeff) != 0.0:
-            c.skip(f"{a}.entropy_coeff", coeff, "verl's entropy bonus has no MTRL counterpart (MTRL's "
-                   "use_entropy_penalty lowers entropy)")
     return done
 
 

@@ -73,6 +73,8 @@ class DistributedTrainer:
         self.use_reference = not opt.disable_divergence and not config.training.val_only
         self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
                                                          opt.divergence_target, opt.divergence_horizon)
+        self.entropy_bonus = po.EntropyBonusController(opt.entropy_bonus_type, opt.entropy_bonus_coef,
+                                                       opt.entropy_target, opt.entropy_bonus_step)
         self.tracker = Tracker(config.training.logger, config.training.project_name,
                                config.training.experiment_name, self.run_dir, to_plain_dict(config),
                                total_steps=self.total_steps)
@@ -204,6 +206,8 @@ class DistributedTrainer:
         with self._timer("old_log_probs"):
             batch.union(self._dp(self.actor_wg.compute_log_probs, batch))
         metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
+        batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
+            self.entropy_bonus.coefficient(metrics["actor/entropy"])
         if opt.needs_perception_pass and self._has_images(batch):
             with self._timer("perception"):
                 self._perception_pass(batch)

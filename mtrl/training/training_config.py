@@ -21,6 +21,7 @@ from mtrl.optimization.config import (
     ADVANTAGE_ESTIMATOR_NAMES,
     DEPENDENCY_ESTIMATOR_NAMES,
     DPO_LOSS_TYPE_NAMES,
+    CONTROLLER_TYPE_NAMES,
     DIVERGENCE_PENALTY_NAMES,
     FILTER_SCOPE_NAMES,
     OptimizationConfig,
@@ -293,7 +294,8 @@ def validate_config(config: MTRLConfig) -> None:
 
     _choice("optimization.advantage_estimator", o.advantage_estimator, ADVANTAGE_ESTIMATOR_NAMES)
     _choice("optimization.divergence_penalty", o.divergence_penalty, DIVERGENCE_PENALTY_NAMES)
-    _choice("optimization.divergence_type", o.divergence_type, ("fixed", "adaptive"))
+    _choice("optimization.divergence_type", o.divergence_type, CONTROLLER_TYPE_NAMES)
+    _choice("optimization.entropy_bonus_type", o.entropy_bonus_type, CONTROLLER_TYPE_NAMES)
     _choice("optimization.dependency_estimator", o.dependency_estimator, DEPENDENCY_ESTIMATOR_NAMES)
     _choice("optimization.filter_scope", o.filter_scope, FILTER_SCOPE_NAMES)
     _choice("worker.rollout.name", r.name, ROLLOUT_ENGINE_NAMES)
@@ -333,6 +335,12 @@ def validate_config(config: MTRLConfig) -> None:
     _positive("optimization.divergence_horizon", o.divergence_horizon)
     if o.entropy_penalty_coef < 0:
         raise ConfigError(f"`optimization.entropy_penalty_coef` = {o.entropy_penalty_coef} must be >= 0.")
+    if o.entropy_bonus_coef < 0:
+        raise ConfigError(f"`optimization.entropy_bonus_coef` = {o.entropy_bonus_coef} must be >= 0 (0 turns the "
+                          f"bonus off; to lower entropy use `use_entropy_penalty`).")
+    if o.entropy_bonus_type == "adaptive":
+        _positive("optimization.entropy_target", o.entropy_target)
+        _positive("optimization.entropy_bonus_step", o.entropy_bonus_step)
 
     if a.ulysses_size != 1:
         raise ConfigError(f"`worker.actor.ulysses_size` = {a.ulysses_size}: Ulysses sequence parallelism is not "

@@ -356,7 +356,8 @@ def save_checkpoint(trainer) -> str:
         trainer.critic_wg.save_checkpoint(os.path.join(partial, "critic"))
     state = {"global_step": step,
              "dataloader": trainer.train_loader.state_dict() if trainer.train_loader is not None else None,
-             "divergence": trainer.divergence.state_dict() if trainer.divergence is not None else None}
+             "divergence": trainer.divergence.state_dict() if trainer.divergence is not None else None,
+             "entropy_bonus": trainer.entropy_bonus.state_dict()}
     extra_state = getattr(trainer, "checkpoint_state", None)
     if callable(extra_state):  # other trainer parts (stages, extra loaders) may add their own state
         state["extra"] = extra_state()
@@ -418,6 +419,8 @@ def resume_from_checkpoint(trainer) -> Optional[str]:
             trainer.train_loader.load_state_dict(state["dataloader"])
         if trainer.divergence is not None and state.get("divergence"):
             trainer.divergence.load_state_dict(state["divergence"])
+        if state.get("entropy_bonus"):
+            trainer.entropy_bonus.load_state_dict(state["entropy_bonus"])
         rng_path = os.path.join(path, TRAINER_RNG_FILE)
         if os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))

@@ -5,6 +5,7 @@ One Ray actor per device runs this class; the controller calls its methods on th
 generate -> old log-probs (+entropy) -> perception pass -> reference log-probs -> update.
 """
 
+from dataclasses import replace
 from typing import Dict
 
 import torch
@@ -200,9 +201,11 @@ class ActorRolloutRefWorker(Worker):
         samples_per_mini_batch = batch.meta.get("samples_per_mini_batch") or \
             cfg.actor.global_batch_size * batch.meta.get("n", cfg.rollout.n)
         mini_batch_size = max(1, samples_per_mini_batch // self.world_size)
+        opt = self.config.optimization
+        if "entropy_bonus_coef" in batch.meta:  # the controller's coefficient for this step
+            opt = replace(opt, entropy_bonus_coef=batch.meta["entropy_bonus_coef"])
         with self._actor_resident(with_optimizer=True):
-            metrics = self.agent.update_policy(batch, self._temperature(batch), self.config.optimization,
-                                               mini_batch_size)
+            metrics = self.agent.update_policy(batch, self._temperature(batch), opt, mini_batch_size)
         self.lr_scheduler.step()
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics
