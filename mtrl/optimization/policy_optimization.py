@@ -578,16 +578,8 @@ def compute_entropy_penalty(
                                  loss_scale_factor=loss_scale_factor)
 
 
-def compute_entropy_bonus(
-    entropy: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    *,
-    coef: float = 1.0,
-    global_token_count: Optional[Number] = None,
-    global_seq_count: Optional[Number] = None,
-    loss_scale_factor: Optional[float] = None,
-) -> torch.Tensor:
+def compute_entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", *,
+                          coef: float = 1.0, **normalisers: Optional[Number]) -> torch.Tensor:
     """Entropy bonus term ``-coef * agg(entropy)`` (verl's ``entropy_coeff``), a loss to add.
 
     ``entropy`` is the full next-token entropy per response token (``entropy_from_logits``, with its
@@ -595,8 +587,7 @@ def compute_entropy_bonus(
     policy exploring instead of collapsing onto one answer before the reward can tell answers apart.
     Added when ``optimization.entropy_bonus_coef`` > 0, with the policy loss's aggregation and normalisers.
     """
-    return -coef * aggregate_loss(entropy, response_mask, loss_agg_mode, global_token_count, global_seq_count,
-                                  loss_scale_factor=loss_scale_factor)
+    return -coef * aggregate_loss(entropy, response_mask, loss_agg_mode, **normalisers)
 
 
 # ---------------------------------------------------------------------------------------------
