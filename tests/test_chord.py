@@ -168,12 +168,13 @@ def test_mix_expert_rows_gives_each_rank_and_mini_batch_its_share():
     expert = DataBatch({k: expert_src.tensors[k] for k in ("prompts", "responses", "input_ids", "attention_mask",
                                                            "position_ids", "response_mask")},
                        {"multi_modal_inputs": expert_src.non_tensors["multi_modal_inputs"]})
-    out = mix_expert_rows(usual, expert, mini_batches=2, world_size=2, pad_token_id=0)
+    out = mix_expert_rows(usual, expert, mini_batches=2, pad_token_id=0)
     assert len(out) == 24 and out.tensors["responses"].shape[1] == 5 and out.tensors["prompts"].shape[1] == 6
     flags = out.tensors["is_expert"].tolist()
-    # rank 0 = rows 0..11 = [mini 0: 4 usual + 2 expert][mini 1: 4 usual + 2 expert]; rank 1 likewise.
-    assert flags == ([0.0] * 4 + [1.0] * 2) * 4
-    # The rollout rows keep their order (rank 0 gets rows 0-7, rank 1 rows 8-15) with their advantages.
+    # [mini 0: rollout rows 0-7 + expert rows 0-3][mini 1: rollout rows 8-15 + expert rows 4-7]; the
+    # controller's dispatch order splits each mini-batch over the ranks.
+    assert flags == ([0.0] * 8 + [1.0] * 4) * 2
+    # The rollout rows keep their order with their advantages.
     usual_adv = out.tensors["advantages"][out.tensors["is_expert"] == 0][:, 0].tolist()
     assert usual_adv == list(range(16))
     # Expert rows: zero advantages / old log-probs, token_mask 1, padded columns masked out.

@@ -73,3 +73,46 @@ def test_vllm_without_vllm_fails_clearly():
     with pytest.raises(RuntimeError, match="worker.rollout.name=vllm"):
         check_engine_available("vllm")
     check_engine_available("hf")
+
+
+def test_sampling_is_seeded_per_response_not_per_micro_batch(tiny, prompts):
+    """The same (seed, prompt uid, sample k) gives the same response whatever rows share its micro-batch:
+    what makes generation independent of the worker count."""
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=11)
+    outputs = []
+    for micro in (1, 4):
+        engine = engine_for(tiny)
+        engine.micro_batch_size = micro
+        engine.load_weights(tiny.model.state_dict().items())
+        outputs.append(engine.generate(prompts.select(), params))
+    assert torch.equal(outputs[0]["responses"], outputs[1]["responses"])
+    # Prompt 1 alone (as on another worker) gets the same three responses as in the batch of two.
+    alone = engine.generate(prompts.index([1]), params)
+    assert torch.equal(alone["responses"], outputs[1]["responses"][3:, :alone["responses"].shape[1]])
+    other_seed = engine.generate(prompts.select(), SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=12))
+    assert not torch.equal(other_seed["responses"], outputs[1]["responses"])
+    # The three samples of a prompt are not copies of each other.
+    assert len({tuple(r.tolist()) for r in outputs[1]["responses"][:3]}) > 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 3, 1.0), (1.3, -1, 0.8), (1.0, 4, 0.6)])
+def test_seeded_sampling_draws_from_the_warped_distribution(temperature, top_k, top_p):
+    """Gumbel-max over the shaped scores: the support equals transformers' warpers' and the frequencies
+    match their softmax (20k draws, 4 sigma)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from mtrl.workers.rollout.hf_engine import SeededSampling
+
+    scores = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    expected = LogitsProcessorList(warpers)(None, scores.clone()).softmax(-1)[0]
+    draws = 20000
+    sampler = SeededSampling(list(range(draws)), SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
+                             torch.device("cpu"))
+    picks = sampler(None, scores.expand(draws, -1)).argmax(-1)
+    freq = torch.bincount(picks, minlength=scores.shape[1]).double() / draws
+    assert torch.equal(freq > 0, expected > 0)
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert bool(((freq - expected).abs() <= 4 * sigma + 1e-9).all()), (freq, expected)

@@ -44,13 +44,6 @@ def make_micro_batches(batch: DataBatch, micro_batch_size: int, dynamic: bool,
     return [(batch.index(g), g) for g in groups]
 
 
-def all_reduce_sum(value: float, device: torch.device) -> float:
-    t = torch.tensor(float(value), device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return float(t)
-
-
 def global_normalisers(mini_batch: DataBatch, device: torch.device) -> Dict[str, float]:
     """Token and sequence counts of a mini-batch summed over all data-parallel ranks."""
     return _global_counts([mini_batch.tensors["response_mask"]], device)[0]
@@ -64,6 +57,32 @@ def _global_counts(masks: List[torch.Tensor], device: torch.device) -> List[Dict
     if dist.is_initialized():
         dist.all_reduce(counts)
     return [{"global_token_count": float(c[0]), "global_seq_count": float(c[1])} for c in counts]
+
+
+def all_reduce_sums(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """Sum each value over ranks with one all-reduce (every rank must hold the same keys)."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and keys:
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def token_weighted(metrics: Dict[str, torch.Tensor], mask: torch.Tensor, global_token_count: float) -> Dict[str, float]:
+    """Token means over one micro-batch as its share of the mean over the whole mini-batch (all ranks):
+    summed over micro-batches and ranks, like the normalised losses, they give the global token mean."""
+    weight = float(mask.sum()) / global_token_count if global_token_count > 0 else 0.0
+    return {k: float(v) * weight if weight > 0 else 0.0 for k, v in metrics.items()}
+
+
+# The policy loss's token statistics under the names the actor logs.
+RATIO_METRIC_NAMES = {"pg_clipfrac": "actor/clipfrac", "pg_clipfrac_lower": "actor/clipfrac_lower",
+                      "ppo_kl": "actor/approx_kl"}
+
+
+def ratio_metrics(pg_metrics: Dict[str, torch.Tensor], mask: torch.Tensor, global_token_count: float) -> Dict[str, float]:
+    weighted = token_weighted(pg_metrics, mask, global_token_count)
+    return {RATIO_METRIC_NAMES.get(k, f"actor/{k}"): v for k, v in weighted.items()}
 
 
 def expert_masks(mini_batch: DataBatch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +184,10 @@ class ParallelPolicyAgent:
                     for k, v in micro_metrics.items():
                         mini_metrics[k] = mini_metrics.get(k, 0.0) + v
                 record("actor/grad_norm", clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm))
-                # Loss terms were normalised by the global counts: their sum over ranks is the mini-batch mean.
-                for k in ("actor/pg_loss", "actor/divergence_loss", "actor/entropy_loss", "actor/entropy_bonus_loss",
-                          "usual/pg_loss", "expert/sft_loss"):
-                    if k in mini_metrics:
-                        record(k, all_reduce_sum(mini_metrics.pop(k), self.device))
-                n_micro = mini_metrics.pop("_count")
-                for k, v in mini_metrics.items():
-                    record(k, v / n_micro)
+                # Every metric is a micro-batch's share of a global mean (losses by their normalisers, the
+                # ratio statistics by tokens): summed over ranks it is the mini-batch's value.
+                for k, v in all_reduce_sums(mini_metrics, self.device).items():
+                    record(k, v)
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
     def _micro_batch_loss(self, mb: DataBatch, temperature: float, opt: OptimizationConfig,
@@ -189,10 +204,8 @@ class ParallelPolicyAgent:
             t["old_log_probs"], log_probs, t["advantages"], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
             cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm)
         loss = pg_loss
-        metrics = {"actor/pg_loss": pg_loss.item(), "_count": 1.0,
-                   "actor/clipfrac": float(pg_metrics["pg_clipfrac"]),
-                   "actor/clipfrac_lower": float(pg_metrics["pg_clipfrac_lower"]),
-                   "actor/approx_kl": float(pg_metrics["ppo_kl"])}
+        metrics = {"actor/pg_loss": pg_loss.item(),
+                   **ratio_metrics(pg_metrics, mask, norm["global_token_count"])}
         loss = loss + self._regularisation(out, t.get("ref_log_probs"), mask, opt, norm, metrics)
         return loss, metrics
 
@@ -227,7 +240,7 @@ class ParallelPolicyAgent:
         log_probs = out["log_probs"]
         usual_mask, expert_mask = (m.to(self.device) for m in expert_masks(mb))
         loss = log_probs.new_zeros(())
-        metrics: Dict[str, float] = {"_count": 1.0}
+        metrics: Dict[str, float] = {}
         # The branches depend on global counts only, so every rank takes the same ones (and the same
         # metric all-reduces in update_policy).
         if norm["usual"]["global_token_count"] > 0:
@@ -238,9 +251,7 @@ class ParallelPolicyAgent:
                 cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm["usual"])
             loss = loss + (1.0 - mu) * pg_loss
             metrics.update({"actor/pg_loss": pg_loss.item(), "usual/pg_loss": pg_loss.item(),
-                            "actor/clipfrac": float(pg_metrics["pg_clipfrac"]),
-                            "actor/clipfrac_lower": float(pg_metrics["pg_clipfrac_lower"]),
-                            "actor/approx_kl": float(pg_metrics["ppo_kl"])})
+                            **ratio_metrics(pg_metrics, usual_mask, norm["usual"]["global_token_count"])})
             loss = loss + self._regularisation(out, t.get("ref_log_probs"), usual_mask, opt, norm["usual"], metrics)
         if norm["expert"]["global_token_count"] > 0:
             sft_loss = po.compute_sft_loss(log_probs, expert_mask, opt.chord.sft_loss_agg_mode,

@@ -5,8 +5,8 @@
 gets, in every mini-batch, extra rows from `dataset.sft_files`:
 
 * e expert rows per mini-batch of M rollout rows, with e / (M + e) = `expert_data_ratio`
-  (e = round(M r / (1 - r)), rounded up to a multiple of the worker count so every rank gets the
-  same share); expert rows are drawn without replacement with a generator seeded by
+  (e = round(M r / (1 - r)), rounded to a positive multiple of the worker count so every mini-batch
+  splits evenly over the ranks); expert rows are drawn without replacement with a generator seeded by
   (dataset.seed, step), so a resumed run draws the same rows;
 * loss = (1 - mu) * pg_loss(rollout rows) + mu * sft_loss(expert rows), each term normalised over
   its own rows of the whole mini-batch (all ranks), mu = `compute_chord_mu(global_step, ...)`
@@ -39,11 +39,11 @@ def expert_rows_per_mini_batch(rollout_rows: int, ratio: float, world_size: int)
     return max(1, int(round(wanted / world_size))) * world_size
 
 
-def mix_expert_rows(batch: DataBatch, expert: DataBatch, mini_batches: int, world_size: int,
-                    pad_token_id: int) -> DataBatch:
-    """The update batch: rollout rows + expert rows, ordered so that each rank's contiguous share, split
-    into `mini_batches` consecutive mini-batches, holds its rollout rows of that mini-batch followed by an
-    equal share of the expert rows. Expert rows get zero old log-probs / advantages and `is_expert` = 1."""
+def mix_expert_rows(batch: DataBatch, expert: DataBatch, mini_batches: int, pad_token_id: int) -> DataBatch:
+    """The update batch: each mini-batch's rollout rows followed by its equal share of the expert rows
+    (mini-batch k = rollout rows k*M ... and expert rows k*E ...), in the batch's own order; the
+    controller's dispatch order then splits every mini-batch over the ranks. Expert rows get zero old
+    log-probs / advantages and `is_expert` = 1."""
     keys = [k for k in UPDATE_TENSORS + RESPONSE_TENSORS if k in batch.tensors]
     usual = DataBatch({k: batch.tensors[k] for k in keys},
                       {"multi_modal_inputs": batch.non_tensors["multi_modal_inputs"]})
@@ -59,19 +59,14 @@ def mix_expert_rows(batch: DataBatch, expert: DataBatch, mini_batches: int, worl
     r = max(usual.tensors["responses"].shape[1], expert.tensors["responses"].shape[1])
     usual = pad_sequences(usual, p, r, pad_token_id, RESPONSE_TENSORS)
     expert = pad_sequences(expert, p, r, pad_token_id, RESPONSE_TENSORS)
-    u_per = len(usual) // (world_size * mini_batches)
-    e_per = len(expert) // (world_size * mini_batches)
-    if u_per * world_size * mini_batches != len(usual) or e_per * world_size * mini_batches != len(expert):
+    u_per, e_per = len(usual) // mini_batches, len(expert) // mini_batches
+    if u_per * mini_batches != len(usual) or e_per * mini_batches != len(expert):
         raise ValueError(f"cannot split {len(usual)} rollout rows and {len(expert)} expert rows evenly over "
-                         f"{world_size} ranks x {mini_batches} mini-batches")
+                         f"{mini_batches} mini-batches")
     order: List[int] = []
-    n_usual = len(usual)
-    for rank in range(world_size):
-        for k in range(mini_batches):
-            u0 = (rank * mini_batches + k) * u_per
-            e0 = (k * world_size + rank) * e_per
-            order.extend(range(u0, u0 + u_per))
-            order.extend(range(n_usual + e0, n_usual + e0 + e_per))
+    for k in range(mini_batches):
+        order.extend(range(k * u_per, (k + 1) * u_per))
+        order.extend(range(len(usual) + k * e_per, len(usual) + (k + 1) * e_per))
     return DataBatch.concat([usual, expert]).index(order)
 
 
@@ -97,18 +92,20 @@ class ChordTrainer(ExportOnFinish, DistributedTrainer):
         picks = rng.choice(n, size=count, replace=count > n)
         return self.expert_set.collate([self.expert_set[int(i)] for i in picks])
 
-    def _update_actor(self, batch: DataBatch) -> Dict[str, float]:
+    def _update_actor(self, batch: DataBatch, order=None) -> Dict[str, float]:
         ch, world = self.config.optimization.chord, self.config.training.world_size
         rows_per_mini = self.config.worker.actor.global_batch_size * batch.meta.get("n", self.config.worker.rollout.n)
         mini_batches = max(1, len(batch) // rows_per_mini)
         per_mini = expert_rows_per_mini_batch(rows_per_mini, ch.expert_data_ratio, world)
         with self._timer("expert_data"):
             expert = self._expert_batch(per_mini * mini_batches)
-            update = mix_expert_rows(batch, expert, mini_batches, world, self.tokenizer.pad_token_id or 0)
+            update = mix_expert_rows(batch, expert, mini_batches, self.tokenizer.pad_token_id or 0)
         mu = self.chord_mu()
         update.meta.update(batch.meta)
         update.meta.update(chord_mu=mu, chord_phi=ch.enable_phi_function,
                            samples_per_mini_batch=len(update) // mini_batches)
-        metrics = mean_over_ranks(self.actor_wg.update_actor(update))
+        # The rollout rows' own order is not used: the mixed batch gets the dispatch order of its mini-batches.
+        update_order = self._rank_order(update, len(update) // mini_batches)
+        metrics = mean_over_ranks(self._dp(self.actor_wg.update_actor, update, update_order))
         metrics.update({"mu": mu, "expert/rows": float(len(expert)), "expert/fraction": len(expert) / len(update)})
         return metrics

@@ -32,7 +32,7 @@ from mtrl.utils.builtin_assets import ensure_builtin_assets
 from mtrl.utils.paths import absolutize_paths
 from mtrl.utils.dataset import build_dataloader, build_dataset
 from mtrl.utils.errors import UserError
-from mtrl.utils.seqlen_balancing import balance_across_ranks, flatten_partitions, partition_stats
+from mtrl.utils.seqlen_balancing import partition_stats, update_layout
 from mtrl.utils.tracking import Tracker
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
 
@@ -140,12 +140,17 @@ class DistributedTrainer:
         if getattr(self, "worker_group", None) is not None:
             self.worker_group.shutdown()
 
-    def _dp(self, method, batch: DataBatch) -> DataBatch:
+    def _dp(self, method, batch: DataBatch, order: Optional[List[int]] = None) -> DataBatch:
         """Call a data-parallel worker method with rows padded to a multiple of the world size.
 
         Every rank must run the same number of forward passes under FSDP, so every rank gets the
-        same number of rows; the copies added for padding are dropped from the result.
+        same number of rows; the copies added for padding are dropped from the result. With `order`
+        (from `_rank_order`) the rows are dispatched in that order and the result comes back in the
+        batch's own order.
         """
+        if order is not None:
+            out = method(batch.index(order))
+            return out if not isinstance(out, DataBatch) else out.index(np.argsort(order).tolist())
         world = self.config.training.world_size
         pad = -len(batch) % world
         if pad == 0:
@@ -154,6 +159,22 @@ class DistributedTrainer:
         out = method(padded)
         # Generation returns n rows per prompt, in prompt order, so the padding is still at the end.
         return out.index(slice(0, len(batch) * (len(out) // len(padded))))
+
+    def _rank_order(self, batch: DataBatch, rows_per_mini_batch: int, group_size: int = 1,
+                    metrics: Optional[Dict[str, float]] = None) -> Optional[List[int]]:
+        """The dispatch order that gives every rank its share of each update mini-batch (`update_layout`):
+        mini-batch k is rows k * rows_per_mini_batch ... of the batch whatever the worker count, so the
+        update does not depend on it. With dynamic batching each mini-batch is also token-balanced
+        across ranks (`perf/rank_tokens_*` in `metrics`). None when the rows cannot be split evenly."""
+        world = self.config.training.world_size
+        lengths = batch.tensors["attention_mask"].sum(-1).tolist()
+        balance = self.config.worker.actor.dynamic_batching
+        order = update_layout(lengths, rows_per_mini_batch, world, group_size, balance=balance)
+        if order is not None and balance and metrics is not None:
+            share = len(order) // world
+            stats = partition_stats(lengths, [order[r * share:(r + 1) * share] for r in range(world)])
+            metrics.update({f"perf/rank_tokens_{k}": float(v) for k, v in stats.items()})
+        return order
 
     @contextmanager
     def _timer(self, name: str):
@@ -200,53 +221,45 @@ class DistributedTrainer:
         with self._timer("generate"):
             batch = self._generate_with_rewards(prompts, metrics)
         batch.meta.update(global_step=self.global_step, n=rollout.n, temperature=rollout.temperature)
-        if self.config.worker.actor.dynamic_batching:
-            metrics.update(self._balance_across_ranks(batch))
+        # One dispatch order for every pass of the step: each rank's rows are its share of every actor
+        # update mini-batch (and token-balanced), so neither passes nor update depend on the worker count.
+        order = self._rank_order(batch, self.config.worker.actor.global_batch_size * rollout.n, metrics=metrics)
 
         with self._timer("old_log_probs"):
-            batch.union(self._dp(self.actor_wg.compute_log_probs, batch))
+            batch.union(self._dp(self.actor_wg.compute_log_probs, batch, order))
         metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
         batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
             self.entropy_bonus.coefficient(metrics["actor/entropy"])
         if opt.needs_perception_pass and self._has_images(batch):
             with self._timer("perception"):
-                self._perception_pass(batch)
+                self._perception_pass(batch, order)
         if self.use_reference:
             with self._timer("ref_log_probs"):
-                batch.union(self._dp(self.actor_wg.compute_ref_log_probs, batch))
+                batch.union(self._dp(self.actor_wg.compute_ref_log_probs, batch, order))
         if self.use_critic:
             with self._timer("values"):
-                batch.union(self._dp(self.critic_wg.compute_values, batch))
+                batch.union(self._dp(self.critic_wg.compute_values, batch, order))
         with self._timer("advantages"):
             metrics.update(self._compute_advantages(batch))
             metrics.update(self._apply_tprl(batch))
         if self.use_critic:
             with self._timer("update_critic"):
-                metrics.update(mean_over_ranks(self.critic_wg.update_critic(batch)))
+                critic_batch = self.config.worker.critic.global_batch_size or self.config.worker.actor.global_batch_size
+                critic_order = self._rank_order(batch, critic_batch * rollout.n)
+                metrics.update(mean_over_ranks(self._dp(self.critic_wg.update_critic, batch, critic_order)))
         with self._timer("update_actor"):
-            metrics.update(self._update_actor(batch))
+            metrics.update(self._update_actor(batch, order))
 
         metrics.update(self.timing)
         metrics.update(throughput_metrics(batch, time.perf_counter() - step_start, self.config.training.world_size))
         metrics.update(length_metrics(batch))
         return metrics
 
-    def _update_actor(self, batch: DataBatch) -> Dict[str, float]:
-        """The actor update (CHORD mixes expert rows in here: mtrl/training/chord.py)."""
-        return mean_over_ranks(self.actor_wg.update_actor(batch))
+    def _update_actor(self, batch: DataBatch, order: Optional[List[int]]) -> Dict[str, float]:
+        """The actor update, rows dispatched in `order` (CHORD mixes expert rows in here: mtrl/training/chord.py)."""
+        return mean_over_ranks(self._dp(self.actor_wg.update_actor, batch, order))
 
     # ------------------------------------------------------------------ phases
-
-    def _balance_across_ranks(self, batch: DataBatch) -> Dict[str, float]:
-        """Reorder rows so that each rank's contiguous share has a near-equal number of tokens."""
-        world = self.config.training.world_size
-        if len(batch) % world:
-            return {}
-        lengths = batch.tensors["attention_mask"].sum(-1).tolist()
-        partitions = balance_across_ranks(lengths, world, equal_size=True)
-        batch.reorder(flatten_partitions(partitions))
-        stats = partition_stats(lengths, partitions)
-        return {f"perf/rank_tokens_{k}": float(v) for k, v in stats.items()}
 
     def _generate_with_rewards(self, prompts: DataBatch, metrics: Dict[str, float]) -> DataBatch:
         """Generate and score; with online filtering, keep only prompt groups whose mean score is in range,
@@ -312,8 +325,8 @@ class DistributedTrainer:
         vision = batch.non_tensors.get("multi_modal_inputs")
         return vision is not None and any("pixel_values" in (mm or {}) for mm in vision)
 
-    def _perception_pass(self, batch: DataBatch) -> None:
-        out = self._dp(self.actor_wg.compute_perception, batch)
+    def _perception_pass(self, batch: DataBatch, order: Optional[List[int]]) -> None:
+        out = self._dp(self.actor_wg.compute_perception, batch, order)
         if "dependency" in out:
             batch.union(out)
         else:

@@ -97,10 +97,9 @@ class SFTTrainer(ExportOnFinish, DistributedTrainer):
         batch.meta.update(global_step=self.global_step, chord_mu=1.0, chord_phi=False, temperature=1.0, n=1,
                           samples_per_mini_batch=self.config.worker.actor.global_batch_size)
         metrics: Dict[str, float] = {}
-        if self.config.worker.actor.dynamic_batching:
-            metrics.update(self._balance_across_ranks(batch))
+        order = self._rank_order(batch, self.config.worker.actor.global_batch_size, metrics=metrics)
         with self._timer("update_actor"):
-            metrics.update(mean_over_ranks(self.actor_wg.update_actor(batch)))
+            metrics.update(mean_over_ranks(self._dp(self.actor_wg.update_actor, batch, order)))
         metrics.update(self.timing)
         metrics.update(throughput_metrics(batch, time.perf_counter() - start, self.config.training.world_size))
         metrics.update(length_metrics(batch))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -269,3 +269,36 @@ def partition_stats(seq_lens: Sequence[int], partitions: Sequence[Sequence[int]]
         return {"min": 0.0, "max": 0.0, "mean": 0.0, "spread": 0.0}
     return {"min": float(min(sums)), "max": float(max(sums)), "mean": sum(sums) / len(sums),
             "spread": float(max(sums) - min(sums))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Update layout: the same mini-batches whatever the number of ranks
+# ----------------------------------------------------------------------------------------------
+def update_layout(seq_lens: Sequence[int], rows_per_mini_batch: int, world_size: int, group_size: int = 1,
+                  balance: bool = True) -> Optional[List[int]]:
+    """Row order that makes a data-parallel update see the same mini-batches for any ``world_size``.
+
+    Mini-batch k of the update is rows ``k * rows_per_mini_batch ...`` of the batch in its own order. The
+    controller hands rank r a contiguous share and the rank splits it into consecutive mini-batches of
+    ``rows_per_mini_batch / world_size`` rows, so the share must hold, in order, rank r's part of
+    mini-batch 0, of mini-batch 1, ... That is this order (rank-major). Each mini-batch is split into
+    equal parts, token-balanced across ranks with ``balance``; ``group_size`` rows that belong together
+    (a chosen/rejected pair) stay together. Returns None when a mini-batch cannot be split evenly
+    (then no order gives every rank the same mini-batches).
+    """
+    n = len(seq_lens)
+    unit = group_size * world_size
+    if rows_per_mini_batch % unit or n % unit:
+        return None
+    per_rank: List[List[int]] = [[] for _ in range(world_size)]
+    for start in range(0, n, rows_per_mini_batch):
+        groups = list(range(start, min(start + rows_per_mini_batch, n), group_size))
+        costs = [sum(seq_lens[g:g + group_size]) for g in groups]
+        if balance:
+            parts = [[groups[j] for j in part] for part in balance_across_ranks(costs, world_size)]
+        else:
+            size = len(groups) // world_size
+            parts = [groups[r * size:(r + 1) * size] for r in range(world_size)]
+        for rank, part in enumerate(parts):
+            per_rank[rank].extend(i for g in part for i in range(g, g + group_size))
+    return flatten_partitions(per_rank)

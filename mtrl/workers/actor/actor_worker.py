@@ -122,8 +122,8 @@ class ActorRolloutRefWorker(Worker):
         params = SamplingParams(
             n=meta.get("n", rcfg.n), temperature=meta.get("temperature", rcfg.temperature),
             top_p=meta.get("top_p", rcfg.top_p), top_k=meta.get("top_k", rcfg.top_k),
-            max_new_tokens=rcfg.max_new_tokens or self.config.dataset.max_response_length)
-        torch.manual_seed(self.config.training.seed + 7919 * meta.get("global_step", 0) + self.rank)
+            max_new_tokens=rcfg.max_new_tokens or self.config.dataset.max_response_length,
+            seed=sample_seed(self.config.training.seed, meta.get("global_step", 0), "rollout"))
         with self._actor_resident():
             self.rollout.load_weights(self.rollout_weights(self.actor).items())
         out = self.rollout.generate(prompts, params)

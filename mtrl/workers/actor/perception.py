@@ -7,16 +7,11 @@ same rows as overwriting the cell's rows with the normalised value of a black pi
 perturbation is applied directly to `pixel_values`, with no image re-processing.
 """
 
-import hashlib
 from typing import Dict, Sequence
 
 import torch
 
-
-def sample_seed(seed: int, step: int, uid: str) -> int:
-    """A per-sample seed from (seed, step, sample uid), the same on every worker and every run."""
-    digest = hashlib.sha256(f"{seed}:{step}:{uid}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+from mtrl.utils.seeding import sample_seed  # noqa: F401  (the perturbation's seed; used by the actor)
 
 
 def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from typing import Dict
 import torch
 import transformers
 
-from mtrl.agents.parallel_policy_agent import all_reduce_sum, global_normalisers, make_micro_batches
+from mtrl.agents.parallel_policy_agent import all_reduce_sums, global_normalisers, make_micro_batches, token_weighted
 from mtrl.models.attention import enable_padding_free_attention
 from mtrl.models.loader import decoder_layers, load_model, vision_tower
 from mtrl.models.packing import forward_micro_batch
@@ -86,7 +86,8 @@ class CriticWorker(Worker):
         for _ in range(cfg.ppo_epochs):
             for mini in batch.split(mini_batch_size):
                 norm = global_normalisers(mini, self.device)
-                loss_sum, clipfrac = 0.0, []
+                # Each micro-batch's share of the mini-batch's global loss / clip fraction (summed over ranks below).
+                sums = {"critic/vf_loss": 0.0, "critic/vf_clipfrac": 0.0}
                 for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
                                                 cfg.dynamic_batching, cfg.max_token_len_per_device):
                     t = {k: mb.tensors[k].to(self.device) for k in ("values", "returns", "response_mask")}
@@ -94,11 +95,12 @@ class CriticWorker(Worker):
                                                        t["response_mask"], cfg.cliprange_value, cfg.loss_agg_mode,
                                                        **norm)
                     (loss * self.world_size).backward()
-                    loss_sum += loss.item()
-                    clipfrac.append(float(frac))
+                    sums["critic/vf_loss"] += loss.item()
+                    sums["critic/vf_clipfrac"] += token_weighted({"f": frac}, t["response_mask"],
+                                                                 norm["global_token_count"])["f"]
                 grad_norm = fsdp_utils.clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)
-                history.setdefault("critic/vf_loss", []).append(all_reduce_sum(loss_sum, self.device))
-                history.setdefault("critic/vf_clipfrac", []).append(sum(clipfrac) / len(clipfrac))
+                for k, v in all_reduce_sums(sums, self.device).items():
+                    history.setdefault(k, []).append(v)
                 history.setdefault("critic/grad_norm", []).append(grad_norm)
         self.lr_scheduler.step()
         metrics = {k: sum(v) / len(v) for k, v in history.items()}

@@ -7,11 +7,12 @@ pushes the current policy weights into it (`load_weights`), asks for `n` respons
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
 from mtrl.protocol import DataBatch
+from mtrl.utils.seeding import sample_seed
 
 
 @dataclass
@@ -21,7 +22,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 512
-    seed: Optional[int] = None
+    # The step's seed: response k to prompt `uid` draws from `response_seeds(seed, ...)`, so the same
+    # config gives the same responses whatever the worker count or micro-batch (engines that can).
+    seed: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -64,3 +67,8 @@ def response_mask_from_ids(responses: torch.Tensor, eos_token_ids: Iterable[int]
     mask = (~eos_before).long()
     responses.masked_fill_(mask == 0, pad_token_id)
     return mask
+
+
+def response_seeds(seed: int, uids: Sequence[str], n: int) -> List[int]:
+    """One seed per response, rows interleaved as `generate` returns them (response k of prompt `uid`)."""
+    return [sample_seed(seed, k, str(uid)) for uid in uids for k in range(n)]

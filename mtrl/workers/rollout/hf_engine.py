@@ -11,10 +11,41 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.protocol import DataBatch
-from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids
+from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids, response_seeds
+
+
+class SeededSampling(LogitsProcessor):
+    """Sampling with one random stream per response, for `generate` in greedy mode.
+
+    Temperature, top-k and top-p shape the scores as transformers' warpers do; then Gumbel noise from
+    the row's own generator is added, so the argmax is an exact sample from the shaped distribution
+    (the Gumbel-max trick). A row's t-th token depends only on its logits and its seed, not on the
+    other rows of the micro-batch, which makes sampling independent of how rows are split.
+    """
+
+    def __init__(self, seeds: List[int], params: SamplingParams, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.params = params
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        scores = scores.float() / p.temperature
+        if 0 < p.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, p.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, dim=-1)  # ascending, as TopPLogitsWarper
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - p.top_p
+            drop[..., -1] = False  # the most likely token always stays
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                               for g in self.generators])
+        return scores - torch.log(-torch.log(uniform))
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -73,7 +104,10 @@ class HFRolloutEngine(RolloutEngine):
         if self.model is None or self._kept_buffers is not None:
             raise RuntimeError("HFRolloutEngine.generate called before load_weights")
         batch = prompts.repeat(params.n) if params.n > 1 else prompts
-        pieces = [self._generate_micro_batch(mb, params) for mb in batch.split(self.micro_batch_size)]
+        seeds = response_seeds(params.seed, prompts.non_tensors["uid"], params.n)
+        size = self.micro_batch_size
+        pieces = [self._generate_micro_batch(mb, params, seeds[i:i + size])
+                  for i, mb in zip(range(0, len(batch), size), batch.split(size))]
         # Always max_new_tokens wide: ranks whose responses all stop early must still return the same width
         # as the others (their results are concatenated), as verl pads to response_length.
         width = max(max(p.shape[1] for p in pieces), params.max_new_tokens)
@@ -83,17 +117,17 @@ class HFRolloutEngine(RolloutEngine):
         batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask)
         return batch
 
-    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams) -> torch.Tensor:
+    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams, seeds: List[int]) -> torch.Tensor:
         input_ids = mb.tensors["input_ids"].to(self.device)
         attention_mask = mb.tensors["attention_mask"].to(self.device)
         vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
         if vision:
             vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
-        sampling = {"do_sample": False} if params.greedy else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k if params.top_k > 0 else 0}
+        # Greedy decoding of the seeded, shaped scores is sampling (SeededSampling); plain greedy otherwise.
+        processors = LogitsProcessorList([] if params.greedy else [SeededSampling(seeds, params, self.device)])
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
-            suppress_tokens=self.suppress_tokens or None, **sampling, **vision)
+            suppress_tokens=self.suppress_tokens or None, do_sample=False, logits_processor=processors,
+            top_k=None, top_p=None, temperature=None, **vision)
         return output[:, input_ids.shape[1]:].cpu()
