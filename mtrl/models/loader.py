@@ -282,7 +282,9 @@ class ValueHeadModel(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          return_dict=True, **kwargs)
         hidden = out.last_hidden_state
-        values = self.score(hidden.to(self.score.weight.dtype))
+        # nn.Linear on a 3-D input returns a view of its 2-D result; FSDP2 hooks the root module's outputs
+        # for backward, and an in-place op on a view output would silently skip that hook (torch warns).
+        values = self.score(hidden.to(self.score.weight.dtype)).clone()
         return ValueHeadOutput(values=values, logits=values)
 
 
