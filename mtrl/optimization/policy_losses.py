@@ -121,7 +121,7 @@ def compute_policy_loss(
     global_seq_count: Optional[Number] = None,
     loss_scale_factor: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """Clipped PPO surrogate with dual clip (Schulman et al. 2017; Ye et al. 2020).
+    """Clipped PPO surrogate with dual clip (Schulman et al. 2017; Ye et al. 2020): the ``"ppo"`` policy loss.
 
     ``r = exp(log_probs - old_log_probs)`` (log-ratio clamped to [-20, 20]);
     per token ``L = max(-A r, -A clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high))`` and, where A < 0,
