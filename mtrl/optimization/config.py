@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 # Allowed values of the choice keys. Those naming a registry or table of mtrl/optimization/ are kept equal to
-# its keys by tests (tests/test_policy_optimization.py), so that this module needs no torch.
+# its keys by tests (test_policy_optimization.py, test_registries.py), so that this module needs no torch.
 ADVANTAGE_ESTIMATOR_NAMES = ("gae", "grpo", "rloo", "remax", "reinforce_plus_plus")
 POLICY_LOSS_NAMES = ("ppo",)
 DIVERGENCE_PENALTY_NAMES = ("kl", "abs", "mse", "low_var_kl")
