@@ -6,15 +6,16 @@ names. All estimators run without gradient and return 0 on padding.
 """
 
 import inspect
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
 
 from mtrl.optimization.masked import masked_whiten
+from mtrl.optimization.registry import Registry
 
 AdvantageEstimator = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
-ADVANTAGE_ESTIMATORS: Dict[str, AdvantageEstimator] = {}
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 
 
 def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
@@ -22,21 +23,12 @@ def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], Ad
 
     An estimator returns ``(advantages, returns)``, both ``(batch, response_len)``.
     """
-
-    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
-        if name in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+    return ADVANTAGE_ESTIMATORS.register(name)
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
     """The estimator registered as ``name``; ValueError listing the known names otherwise."""
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[name]
+    return ADVANTAGE_ESTIMATORS.lookup(name)
 
 
 def advantage_estimator_inputs(name: str) -> Tuple[str, ...]:

@@ -22,31 +22,23 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from mtrl.optimization.masked import Metrics, Number, compute_dtype, masked_mean, masked_sum
+from mtrl.optimization.registry import Registry
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 PolicyLoss = Callable[..., Tuple[torch.Tensor, Metrics]]
-POLICY_LOSSES: Dict[str, PolicyLoss] = {}
+POLICY_LOSSES = Registry("policy loss")
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
     """Decorator registering a policy loss under ``name`` (the value of ``optimization.policy_loss``);
     the signature is the module docstring's."""
-
-    def decorator(fn: PolicyLoss) -> PolicyLoss:
-        if name in POLICY_LOSSES and POLICY_LOSSES[name] is not fn:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
+    return POLICY_LOSSES.register(name)
 
 
 def get_policy_loss(name: str) -> PolicyLoss:
     """The policy loss registered as ``name``; ValueError listing the known names otherwise."""
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; known: {sorted(POLICY_LOSSES)}")
-    return POLICY_LOSSES[name]
+    return POLICY_LOSSES.lookup(name)
 
 
 def aggregate_loss(
