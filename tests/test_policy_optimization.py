@@ -1,4 +1,4 @@
-"""Hand-computed and invariance tests for mtrl/optimization/policy_optimization.py.
+"""Hand-computed and invariance tests for the RL math of mtrl/optimization/ (through policy_optimization).
 
 Expected numbers are written out (derivations in the comments); tensors are tiny so the file runs
 in a few seconds on one CPU core.
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtrl.optimization import log_probs
 from mtrl.optimization import policy_optimization as po
 
 T = torch.tensor
@@ -379,7 +380,7 @@ def test_log_probs_and_entropy_hand_computed():
 
 
 def test_log_probs_chunked_match_autograd(monkeypatch):
-    monkeypatch.setattr(po, "_VOCAB_CHUNK_TOKENS", 2)  # 3 x 5 = 15 rows -> 8 chunks, last one partial
+    monkeypatch.setattr(log_probs, "_VOCAB_CHUNK_TOKENS", 2)  # 3 x 5 = 15 rows -> 8 chunks, last one partial
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 7, (3, 5))

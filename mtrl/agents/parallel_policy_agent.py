@@ -200,7 +200,7 @@ class ParallelPolicyAgent:
         t = {k: v.to(self.device) for k, v in mb.tensors.items()
              if k in ("old_log_probs", "advantages", "response_mask", "token_mask", "ref_log_probs")}
         mask = t["response_mask"]
-        pg_loss, pg_metrics = po.compute_policy_loss(
+        pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
             t["old_log_probs"], log_probs, t["advantages"], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
             cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm)
         loss = pg_loss
@@ -246,7 +246,7 @@ class ParallelPolicyAgent:
         if norm["usual"]["global_token_count"] > 0:
             t = {k: v.to(self.device) for k, v in mb.tensors.items()
                  if k in ("old_log_probs", "advantages", "token_mask", "ref_log_probs")}
-            pg_loss, pg_metrics = po.compute_policy_loss(
+            pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
                 t["old_log_probs"], log_probs, t["advantages"], usual_mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
                 cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm["usual"])
             loss = loss + (1.0 - mu) * pg_loss

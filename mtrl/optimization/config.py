@@ -3,7 +3,10 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Allowed values of the choice keys. Those naming a registry or table of mtrl/optimization/ are kept equal to
+# its keys by tests (test_policy_optimization.py, test_registries.py), so that this module needs no torch.
 ADVANTAGE_ESTIMATOR_NAMES = ("gae", "grpo", "rloo", "remax", "reinforce_plus_plus")
+POLICY_LOSS_NAMES = ("ppo",)
 DIVERGENCE_PENALTY_NAMES = ("kl", "abs", "mse", "low_var_kl")
 CONTROLLER_TYPE_NAMES = ("fixed", "adaptive")
 DEPENDENCY_ESTIMATOR_NAMES = ("sampled_k3", "full_kl")
@@ -49,6 +52,9 @@ class OptimizationConfig:
     lam: float = 0.95
     advantage_estimator: str = "gae"
     norm_adv_by_std_in_grpo: bool = True
+    # The actor's policy-gradient loss, by its name in the policy-loss registry
+    # (mtrl/optimization/policy_losses.py); "ppo" = dual-clip PPO with worker.actor's clip ratios.
+    policy_loss: str = "ppo"
 
     # Divergence from the reference policy: as a reward penalty (default) or as a loss term.
     disable_divergence: bool = False

@@ -241,7 +241,7 @@ class DistributedTrainer:
                 batch.union(self._dp(self.critic_wg.compute_values, batch, order))
         with self._timer("advantages"):
             metrics.update(self._compute_advantages(batch))
-            metrics.update(self._apply_tprl(batch))
+            metrics.update({f"actor/{k}": float(v) for k, v in po.apply_tprl(batch.tensors, opt).items()})
         if self.use_critic:
             with self._timer("update_critic"):
                 critic_batch = self.config.worker.critic.global_batch_size or self.config.worker.actor.global_batch_size
@@ -326,14 +326,8 @@ class DistributedTrainer:
         return vision is not None and any("pixel_values" in (mm or {}) for mm in vision)
 
     def _perception_pass(self, batch: DataBatch, order: Optional[List[int]]) -> None:
-        out = self._dp(self.actor_wg.compute_perception, batch, order)
-        if "dependency" in out:
-            batch.union(out)
-        else:
-            batch.union(out)
-            batch.tensors["dependency"] = po.compute_visual_dependency(
-                batch.tensors["old_log_probs"], batch.tensors["aug_log_probs"], batch.tensors["response_mask"],
-                estimator="sampled_k3")
+        """The actor's perception pass (perturbed-image log-probs, or exact dependency); po.apply_tprl uses it."""
+        batch.union(self._dp(self.actor_wg.compute_perception, batch, order))
 
     def _compute_advantages(self, batch: DataBatch) -> Dict[str, float]:
         opt = self.config.optimization
@@ -349,18 +343,15 @@ class DistributedTrainer:
         else:
             rewards = scores
         batch.tensors["token_level_rewards"] = rewards
-        name = opt.advantage_estimator
-        if name == "gae":
-            adv, ret = po.compute_gae_advantage_return(rewards, batch.tensors["values"], mask, opt.gamma, opt.lam)
-        elif name == "grpo":
-            adv, ret = po.compute_grpo_outcome_advantage(rewards, mask, batch.non_tensors["uid"],
-                                                         norm_adv_by_std=opt.norm_adv_by_std_in_grpo)
-        elif name == "rloo":
-            adv, ret = po.compute_rloo_outcome_advantage(rewards, mask, batch.non_tensors["uid"])
-        elif name == "remax":
-            adv, ret = po.compute_remax_outcome_advantage(rewards, self._greedy_baselines(batch), mask)
-        else:
-            adv, ret = po.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, opt.gamma)
+        # Everything the estimators take; each uses what its signature names (ReMax's greedy
+        # baselines cost a generation, so they are made only for an estimator that takes them).
+        inputs = dict(token_level_rewards=rewards, response_mask=mask, index=batch.non_tensors["uid"],
+                      gamma=opt.gamma, lam=opt.lam, norm_adv_by_std=opt.norm_adv_by_std_in_grpo)
+        if "values" in batch.tensors:
+            inputs["values"] = batch.tensors["values"]
+        if "reward_baselines" in po.advantage_estimator_inputs(opt.advantage_estimator):
+            inputs["reward_baselines"] = self._greedy_baselines(batch)
+        adv, ret = po.compute_advantage_return(opt.advantage_estimator, **inputs)
         batch.tensors["advantages"], batch.tensors["returns"] = adv, ret
         metrics["critic/advantages_mean"] = float(po.masked_mean(adv, mask))
         metrics["critic/returns_mean"] = float(po.masked_mean(ret, mask))
@@ -385,26 +376,6 @@ class DistributedTrainer:
         keep = [k for k in ("multi_modal_inputs", "raw_prompt", "ground_truth", "images", "uid", "index")
                 if k in rows.non_tensors]
         return DataBatch(tensors, {k: rows.non_tensors[k] for k in keep}, {})
-
-    def _apply_tprl(self, batch: DataBatch) -> Dict[str, float]:
-        """Token gradient filtering (entropy / perception masks, OR-ed) and trajectory advantage shaping."""
-        opt = self.config.optimization
-        mask = batch.tensors["response_mask"]
-        dependency = batch.tensors.get("dependency")
-        token_mask, metrics = po.compute_tprl_token_mask(
-            mask, entropy=batch.tensors["entropys"] if opt.enable_entropy_filtering else None,
-            dependency=dependency if opt.enable_perception_filtering else None,
-            top_p_entropy=opt.top_p_entropy_tokens, top_p_perception=opt.top_p_perception_tokens,
-            scope=opt.filter_scope)
-        metrics = {f"actor/{k}": float(v) for k, v in metrics.items()}
-        if token_mask is not None:
-            batch.tensors["token_mask"] = token_mask
-        if opt.enable_trajectory_reweighting and dependency is not None:
-            alpha = po.compute_trajectory_scaling(dependency, mask, opt.trajectory_scaling_min,
-                                                  opt.trajectory_scaling_max)
-            batch.tensors["advantages"] = batch.tensors["advantages"] * alpha.unsqueeze(-1)
-            metrics.update({f"actor/{k}": float(v) for k, v in po.compute_trajectory_metrics(dependency, mask, alpha).items()})
-        return metrics
 
     # ------------------------------------------------------------------ validation
 

@@ -24,6 +24,7 @@ from mtrl.optimization.config import (
     CONTROLLER_TYPE_NAMES,
     DIVERGENCE_PENALTY_NAMES,
     FILTER_SCOPE_NAMES,
+    POLICY_LOSS_NAMES,
     OptimizationConfig,
 )
 from mtrl.workers.config import (
@@ -293,6 +294,7 @@ def validate_config(config: MTRLConfig) -> None:
     _validate_training_modes(config)
 
     _choice("optimization.advantage_estimator", o.advantage_estimator, ADVANTAGE_ESTIMATOR_NAMES)
+    _choice("optimization.policy_loss", o.policy_loss, POLICY_LOSS_NAMES)
     _choice("optimization.divergence_penalty", o.divergence_penalty, DIVERGENCE_PENALTY_NAMES)
     _choice("optimization.divergence_type", o.divergence_type, CONTROLLER_TYPE_NAMES)
     _choice("optimization.entropy_bonus_type", o.entropy_bonus_type, CONTROLLER_TYPE_NAMES)
