@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mtrl.protocol import DataBatch
-from mtrl.workers.config import RewardConfig
+from mtrl.config.worker import RewardConfig
 from mtrl.workers.reward.function import Metrics, RewardError, RewardFunction, Scores, load_reward_function
 from mtrl.workers.reward.worker import RewardWorker
 
