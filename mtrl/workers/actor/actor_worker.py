@@ -59,7 +59,7 @@ class ActorRolloutRefWorker(FSDPWorker):
         cfg = self.config.worker
         model_path = cfg.actor.model.model_path
         self.setup_process(cfg.actor.model.tokenizer_path or model_path)
-        # LoRA / QLoRA (mtrl.models.lora): the actor gets the adapter.
+        # The adapter (peft_type: LoRA / QLoRA, mtrl.models.lora) goes on the actor only.
         self.actor = self.build_model(model_path, cfg.actor, trainable=self.with_optimizer, adapter=cfg.actor.model)
         self.model_config = self.actor.config
         self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model)
