@@ -10,7 +10,7 @@ from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
 from mtrl.models.attention import enable_padding_free_attention
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 
 PROMPT, RESPONSE, ROWS, VOCAB = 6, 5, 8, 97
 

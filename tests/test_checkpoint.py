@@ -17,7 +17,7 @@ from mtrl.training.training_config import MTRLConfig
 from mtrl.utils import checkpoint as ckpt
 from mtrl.utils.errors import UserError
 from mtrl.workers import fsdp_utils
-from mtrl.workers.config import FSDPConfig, OptimConfig
+from mtrl.config.worker import FSDPConfig, OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

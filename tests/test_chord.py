@@ -12,7 +12,7 @@ from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
 from mtrl.training.chord import expert_rows_per_mini_batch, mix_expert_rows
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 
 PROMPT, RESPONSE, ROWS, VOCAB = 6, 5, 8, 97
 

@@ -12,7 +12,7 @@ from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.utils.shapes_task import write_preference_pairs
 from mtrl.utils.sft_dataset import PreferenceDataset
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 from shapes_assets import dataset_kwargs, load_policy, shapes_task, tiny_vl_model
 
 

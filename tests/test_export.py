@@ -13,7 +13,7 @@ import torch
 from mtrl.models import lora
 from mtrl.models.export import export, main
 from mtrl.utils import checkpoint as ckpt
-from mtrl.workers.config import ModelConfig
+from mtrl.config.worker import ModelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

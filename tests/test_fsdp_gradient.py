@@ -18,7 +18,7 @@ from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, Worker, register
 from mtrl.utils.sft_dataset import SFTDataset
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 from shapes_assets import dataset_kwargs, load_policy, shapes_task, tiny_vl_model
 
 ray = pytest.importorskip("ray")
@@ -57,13 +57,12 @@ def update_gradients(model, batch: DataBatch, loss_agg_mode: str, micro_batch: i
 class ShardedGradientWorker(Worker):
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def gradients(self, batch: DataBatch, model_path: str, loss_agg_mode: str) -> dict:
-        from mtrl.workers.fsdp_utils import apply_fsdp2
-        from mtrl.models.loader import decoder_layers, vision_tower
-        from mtrl.workers.config import FSDPConfig
+        from mtrl.config.worker import FSDPConfig
+        from mtrl.workers.fsdp_worker import build_fsdp_model
 
         self.init_distributed()
-        model = load_policy(model_path)
-        apply_fsdp2(model, FSDPConfig(mixed_precision_dtype="fp32"), "cpu", decoder_layers(model), vision_tower(model))
+        model = build_fsdp_model(model_path, fsdp=FSDPConfig(mixed_precision_dtype="fp32"), device_type="cpu",
+                                 trainable=True, padding_free=True)
         sharded = [n for n, p in model.named_parameters() if p.to_local().numel() < p.numel()]
         return {"grads": update_gradients(model, batch, loss_agg_mode, micro_batch=1), "sharded": len(sharded)}
 

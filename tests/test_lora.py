@@ -11,7 +11,7 @@ import torch
 
 from mtrl.models import lora
 from mtrl.utils.errors import UserError
-from mtrl.workers.config import ModelConfig
+from mtrl.config.worker import ModelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -73,22 +73,29 @@ def test_adapter_switch_gives_the_base_policy(tiny_path):
 
 def test_rollout_weights_and_adapter_names(tiny_path):
     from mtrl.models.loader import load_model
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
 
     cfg = lora_model_config()
     model = lora.apply_lora(load_model(tiny_path), cfg)
     randomize_adapter(model, seed=3)
-    gathered = lambda m, trainable_only: {k: v for k, v in m.state_dict().items()  # noqa: E731
-                                          if not trainable_only or "lora_" in k}
-    weights = lora.RolloutWeights(cfg, gather=gathered)(model)
+    weights = dict(RolloutWeightSync(model, cfg).weights())
     rollout = load_model(tiny_path)  # what the rollout engine holds: the plain model
     missing, unexpected = rollout.load_state_dict(weights, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing)
-    # QLoRA path: only adapter weights gathered, merged into the base read from disk.
+    merged = model.merge_and_unload().state_dict()  # peft's own merge
+    assert all(torch.allclose(weights[k], merged[k], atol=1e-6) for k in weights)
+    # QLoRA path: only adapter weights gathered, merged into the base read from disk (once).
     qcfg = lora_model_config()
     qcfg.peft_type = "qlora"
-    q = lora.RolloutWeights(qcfg, load_base=lambda: load_model(tiny_path), gather=gathered)(model)
-    assert q.keys() == weights.keys() and all(torch.allclose(q[k], weights[k], atol=1e-6) for k in q)
-    plain = lora.RolloutWeights(ModelConfig(), gather=gathered)(model)
+    model = lora.apply_lora(load_model(tiny_path), cfg)
+    randomize_adapter(model, seed=3)
+    loads = []
+    sync = RolloutWeightSync(model, qcfg, load_base=lambda: loads.append(1) or load_model(tiny_path))
+    for _ in range(2):
+        q = dict(sync.weights())
+        assert q.keys() == weights.keys() and all(torch.allclose(q[k], weights[k], atol=1e-6) for k in q)
+    assert len(loads) == 1
+    plain = dict(RolloutWeightSync(model, ModelConfig()).weights())
     assert any("lora_A" in k for k in plain)
     names = lora.adapter_state_dict(model.state_dict())
     assert names and all(k.startswith("base_model.model.") and ".default." not in k for k in names)

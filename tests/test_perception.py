@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
-from mtrl.workers.actor.perception import perturb_images, sample_seed
+from mtrl.utils.seeding import sample_seed
+from mtrl.workers.actor.perception import perturb_images
 
 
 def _blacken_cells(image: np.ndarray, dropped_rows, patch: int) -> np.ndarray:

@@ -555,7 +555,7 @@ def test_trajectory_metrics():
 
 def test_names_match_config():
     from mtrl.optimization import config as opt_config
-    from mtrl.workers.config import LOSS_AGG_MODES
+    from mtrl.config.worker import LOSS_AGG_MODES
 
     assert set(po.DIVERGENCE_PENALTIES) == set(opt_config.DIVERGENCE_PENALTY_NAMES)
     assert set(po.DEPENDENCY_ESTIMATORS) == set(opt_config.DEPENDENCY_ESTIMATOR_NAMES)

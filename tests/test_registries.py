@@ -14,7 +14,7 @@ from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent, _global_count
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import POLICY_LOSS_NAMES, OptimizationConfig
 from mtrl.training.training_main import main
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtrl.protocol import DataBatch
-from mtrl.workers.config import RewardConfig
+from mtrl.config.worker import RewardConfig
 from mtrl.workers.reward import (
     RewardError,
     RewardManager,

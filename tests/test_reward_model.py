@@ -13,9 +13,9 @@ from mtrl.optimization.config import OptimizationConfig
 from mtrl.utils.errors import UserError
 from mtrl.utils.shapes_task import write_preference_pairs
 from mtrl.utils.sft_dataset import PreferenceDataset
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 from mtrl.workers.export import write_hf_folder
-from mtrl.workers.reward.model import load_reward_model, read_score_head
+from mtrl.models.loader import load_reward_model, read_score_head
 from shapes_assets import dataset_kwargs, load_policy, shapes_task, tiny_vl_model
 
 

@@ -11,7 +11,7 @@ from mtrl.models.loader import load_config, load_processor
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.utils.dataset import DatasetError
 from mtrl.utils.sft_dataset import SFTDataset, normalise_sft_row
-from mtrl.workers.config import ActorConfig
+from mtrl.config.worker import ActorConfig
 from shapes_assets import dataset_kwargs, load_policy, shapes_task, tiny_vl_model
 
 

@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtrl.agents.optimizer_step import clipped_optimizer_step
+from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
 from mtrl.utils.seqlen_balancing import micro_batches_by_token_budget, num_micro_batches_by_token_budget
-from mtrl.workers.config import ActorConfig
-from mtrl.workers.fsdp_utils import clipped_optimizer_step
 
 # Tensors a forward pass needs; everything else in the batch stays on the controller's side.
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")

@@ -20,12 +20,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mtrl.agents.optimizer_step import clipped_optimizer_step
+from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
-from mtrl.workers.config import ActorConfig
-from mtrl.workers.fsdp_utils import clipped_optimizer_step
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
 

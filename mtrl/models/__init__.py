@@ -1,6 +1,10 @@
 """Models: loading checkpoints and processors, tiny random models, attention/packing glue.
 
-* :mod:`mtrl.models.loader` -- ``load_model``, ``load_processor``, ``vision_tower``, ``decoder_layers``, ...
+* :mod:`mtrl.models.loader` -- ``load_model``, ``load_reward_model``, ``load_processor``, ``vision_tower``,
+  ``decoder_layers``, ...
+* :mod:`mtrl.models.dtypes` -- ``DTYPES`` / ``resolve_dtype``: the one map from dtype names to torch dtypes.
+* :mod:`mtrl.models.lora` -- LoRA / QLoRA adapters and merging; :mod:`mtrl.models.export` -- Hugging Face
+  folders from checkpoints.
 * :mod:`mtrl.models.tiny` -- ``build_tiny_model`` / ``ensure_tiny_model`` / ``python -m mtrl.models.tiny``.
 * :mod:`mtrl.models.attention`, :mod:`mtrl.models.packing`, :mod:`mtrl.models.multimodal` -- padding-free
   attention, packed forward passes and vision-input batching.

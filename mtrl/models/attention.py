@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from mtrl.utils.logger import get_logger
+
+logger = get_logger(__name__)
 
 #: Name of the auto-dispatching implementation (flash-attn on CUDA when installed, torch otherwise).
 VARLEN_ATTENTION = "mtrl_varlen"

@@ -33,12 +33,14 @@ from typing import Dict, List, Optional
 import torch
 
 from mtrl.models import lora as lora_utils
+from mtrl.models.dtypes import ALIASES, DTYPES, resolve_dtype
 from mtrl.utils import checkpoint as ckpt
 from mtrl.utils.errors import UserError
+from mtrl.utils.logger import get_logger
+
+logger = get_logger(__name__)
 
 EXPORT_META = "mtrl_export.json"
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
 # Files of the checkpoint's huggingface/ folder that the export writes itself.
 _OWN_FILES = {"config.json", "adapter_config.json", "generation_config.json"}
 
@@ -60,14 +62,15 @@ def checkpoints_in(path: str) -> List[str]:
 
 def _resolve_dtype(name: str, config) -> torch.dtype:
     if name != "auto":
-        return _DTYPES[name]
+        return resolve_dtype(name)
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     text_config = getattr(config, "text_config", None)
     if saved is None and text_config is not None:
         saved = getattr(text_config, "dtype", None)
-    if isinstance(saved, torch.dtype):
-        return saved
-    return _DTYPES.get(str(saved).replace("torch.", ""), torch.float32) if saved else torch.float32
+    try:
+        return resolve_dtype(saved) if saved else torch.float32
+    except ValueError:  # a dtype name this map does not know: export in full precision
+        return torch.float32
 
 
 def _copy_processor_files(src: str, dst: str) -> None:
@@ -115,7 +118,7 @@ def _base_weights_for_qlora(meta: dict, dtype: torch.dtype) -> Dict[str, torch.T
     from mtrl.models.loader import load_model
 
     base = meta["actor"]["model_path"]
-    print(f"[mtrl.export] QLoRA checkpoint: reading the frozen base weights from {base}", file=sys.stderr)
+    logger.info("export: QLoRA checkpoint; reading the frozen base weights from %s", base)
     return {k: v.detach() for k, v in load_model(base, dtype=dtype).state_dict().items()}
 
 
@@ -222,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="LoRA runs: write the base weights with the adapter merged in (default)")
     merge.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
                        help="LoRA runs: write the adapter only, as a peft adapter folder")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(_DTYPES)],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted([*DTYPES, *ALIASES])],
                         help="weight dtype of a full / merged export (auto: the model config's dtype)")
     parser.add_argument("--force", action="store_true", help="re-export checkpoints that were exported already")
     args = parser.parse_args(argv)

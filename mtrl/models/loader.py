@@ -6,6 +6,7 @@ critic" or "the tokenizer + processor" without knowing transformers' class zoo:
 * :func:`load_model` -- ``AutoModelForImageTextToText`` for configs with a ``vision_config``,
   ``AutoModelForCausalLM`` otherwise; ``for_value=True`` gives a :class:`ValueHeadModel` (the model
   without its LM head + a linear value head) for the PPO critic.
+* :func:`load_reward_model` -- a :class:`ValueHeadModel` with the folder's trained ``score`` head.
 * :func:`load_processor` -- ``(tokenizer, processor or None)``.
 * :func:`vision_tower`, :func:`vision_blocks`, :func:`decoder_layers`, :func:`language_model` --
   the sub-modules FSDP wraps separately (they also see through PEFT and the value-head wrapper).
@@ -19,20 +20,22 @@ how to get a model (including ``python -m mtrl.models.tiny`` for a tiny random o
 
 from __future__ import annotations
 
+import glob
 import importlib.util
-import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from mtrl.models.dtypes import resolve_dtype
 from mtrl.utils.errors import UserError
+from mtrl.utils.logger import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = [
     "ValueHeadModel",
@@ -43,6 +46,8 @@ __all__ = [
     "load_config",
     "load_model",
     "load_processor",
+    "load_reward_model",
+    "read_score_head",
     "resolve_attn_implementation",
     "resolve_model_path",
     "vision_blocks",
@@ -55,12 +60,6 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "to
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-_DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
 
 _FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
@@ -126,17 +125,6 @@ def is_vision_model(config_or_model: Any) -> bool:
     """True for vision-language configs (they carry a ``vision_config``); accepts a model too."""
     config = getattr(config_or_model, "config", config_or_model)
     return getattr(config, "vision_config", None) is not None
-
-
-def _to_dtype(dtype: Union[torch.dtype, str, None]) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPE_NAMES[str(dtype).lower().replace("torch.", "")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)} or a torch.dtype") from None
 
 
 def resolve_attn_implementation(name: Optional[str]) -> str:
@@ -355,7 +343,7 @@ def load_model(
     """
     path = resolve_model_path(model_path)
     config = load_config(path, trust_remote_code=trust_remote_code)
-    kwargs = dict(dtype=_to_dtype(dtype), attn_implementation=resolve_attn_implementation(attn_implementation),
+    kwargs = dict(dtype=resolve_dtype(dtype), attn_implementation=resolve_attn_implementation(attn_implementation),
                   trust_remote_code=trust_remote_code)
     model = _from_pretrained(path, config, **kwargs)
     if for_value:
@@ -371,6 +359,52 @@ def load_model(
             logger.warning("freeze_vision_tower=True ignored: %s has no vision tower", path)
         else:
             tower.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar-head models (reward models, mtrl/workers/reward/model.py)
+# ---------------------------------------------------------------------------------------------
+
+SCORE_HEAD_KEYS = ("score.weight", "score.bias")
+
+
+def read_score_head(path: str) -> Optional[Dict[str, torch.Tensor]]:
+    """``score.weight`` (and ``score.bias`` when present) from the safetensors files of a folder, or None."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    found: Dict[str, torch.Tensor] = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            for key in SCORE_HEAD_KEYS:
+                if key in f.keys():
+                    found[key] = f.get_tensor(key)
+    return found if "score.weight" in found else None
+
+
+def load_reward_model(model_path: str, *, require_head: bool = True, **load_kwargs: Any) -> ValueHeadModel:
+    """A :class:`ValueHeadModel` with the trained head of `model_path` (`require_head=False`: a fresh, seeded
+    head when the folder has none, to start reward-model training from a policy)."""
+    import transformers  # noqa: PLC0415
+
+    path = resolve_model_path(model_path)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the head's keys are "unexpected" for the language model
+    try:
+        model = load_model(path, for_value=True, **load_kwargs)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    head = read_score_head(path)
+    if head is None:
+        if require_head:
+            raise UserError(f"'{model_path}' has no reward head (no `score.weight` in its safetensors files): train "
+                            f"one with a reward_model stage (training.mode=reward_model) or point "
+                            f"worker.reward.reward_model_path at such a folder.")
+        return model
+    with torch.no_grad():
+        weight = head["score.weight"].reshape(model.score.weight.shape)
+        model.score.weight.copy_(weight.to(model.score.weight.dtype))
+        model.score.bias.copy_(head.get("score.bias", torch.zeros(1)).reshape(1).to(model.score.bias.dtype))
     return model
 
 

@@ -9,18 +9,19 @@ Config (``worker.actor.model``): ``peft_type: lora | qlora``, ``lora_rank``, ``l
   so no second copy of the weights is kept.
 * The rollout engine holds a plain (non-peft) copy of the model: :func:`merge_lora_state_dict` turns the
   gathered peft state dict into merged weights ``W + (alpha / r) * B @ A`` under the base model's
-  parameter names. Export (``python -m mtrl.models.export``) uses the same function.
+  parameter names (the weight sync, ``mtrl/workers/rollout/weight_sync.py``). Export
+  (``python -m mtrl.models.export``) uses the same function.
 * QLoRA (:func:`load_quantized_model`) loads the base in 4 bit (bitsandbytes NF4, ``BitsAndBytesConfig``)
   and needs a CUDA GPU: :func:`check_peft_supported` stops a CPU run at start with a clear message.
   With QLoRA the packed 4-bit base weights are replicated on every rank instead of sharded
   (:func:`quantized_params`, FSDP2 ``ignored_params``), the frozen base is not checkpointed (it is the model
   at ``model_path``) and the rollout copy is the base in the compute dtype plus the merged adapter
-  (:class:`RolloutWeights`). The QLoRA path cannot run on this project's CPU CI and is untested there.
+  (``RolloutWeightSync``). The QLoRA path cannot run on this project's CPU CI and is untested there.
 """
 
 import importlib.util
 import re
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -179,44 +180,3 @@ def quantized_params(model: nn.Module) -> set:
     state, so they stay replicated on every rank (small: 4 bit) and frozen; everything else is sharded."""
     return {p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
 
-
-def gather_full_state_dict(model: nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
-    """The unsharded weights of an FSDP2 model on every rank (collective); only trainable ones on request."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
-
-
-class RolloutWeights:
-    """The weights pushed into the rollout engine each step, under the base model's names.
-
-    * no adapter: the gathered full state dict;
-    * LoRA: the gathered peft state dict with every adapter merged in;
-    * QLoRA: only the (small, unquantized) adapter weights are gathered; they are merged into a CPU copy of
-      the base weights in the compute dtype, read once from ``load_base()``.
-
-    ``gather(model, trainable_only)`` returns the full state dict (a collective under FSDP);
-    default :func:`gather_full_state_dict`.
-    """
-
-    def __init__(self, model_config, load_base: Optional[Callable[[], nn.Module]] = None,
-                 gather: Optional[Callable[[nn.Module, bool], Dict[str, torch.Tensor]]] = None):
-        self.kind = peft_type(model_config)
-        self.gather = gather or gather_full_state_dict
-        self.load_base = load_base
-        self.scaling = float(model_config.lora_alpha) / float(model_config.lora_rank) if self.kind else 1.0
-        self._base: Optional[Dict[str, torch.Tensor]] = None
-
-    def __call__(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        if self.kind is None:
-            return self.gather(model, False)
-        if self.kind == "lora":
-            return merge_lora_state_dict(self.gather(model, False), self.scaling)
-        if self._base is None:
-            base_model = self.load_base()
-            self._base = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
-            del base_model
-        adapters = self.gather(model, True)
-        merged = merge_lora_state_dict(adapters, self.scaling, base_state_dict=self._base)
-        return merged

@@ -47,7 +47,6 @@ import dataclasses
 import importlib.resources
 import itertools
 import json
-import logging
 import os
 import shutil
 import sys
@@ -59,7 +58,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-logger = logging.getLogger(__name__)
+from mtrl.utils.logger import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = [
     "ARCHS",
@@ -776,7 +777,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(TinySizes)
                  if getattr(args, field.name) is not None}
     corpus = None

@@ -26,10 +26,11 @@ from mtrl.models.loader import load_config as load_model_config
 from mtrl.models.loader import load_processor
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
+from mtrl.training.builtin_assets import ensure_builtin_assets
+from mtrl.training.paths import absolutize_paths
 from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
+from mtrl.training.worker_run_config import build_worker_run_config
 from mtrl.utils import checkpoint
-from mtrl.utils.builtin_assets import ensure_builtin_assets
-from mtrl.utils.paths import absolutize_paths
 from mtrl.utils.dataset import build_dataloader, build_dataset
 from mtrl.utils.errors import UserError
 from mtrl.utils.seqlen_balancing import partition_stats, update_layout
@@ -98,7 +99,8 @@ class DistributedTrainer:
         if self.config.worker.reward.reward_type == "model":
             from mtrl.workers.reward.model import ModelRewardManager
 
-            return ModelRewardManager(self.config)
+            return ModelRewardManager(build_worker_run_config(self.config), self.config.training.world_size,
+                                      self.config.config_dir)
         return RewardManager(self.config.worker.reward, self.config.config_dir)
 
     def _total_steps(self) -> int:
@@ -118,11 +120,12 @@ class DistributedTrainer:
         use_gpu = uses_gpu(t)
         lora.check_peft_supported(self.config.worker.actor.model, "cuda" if use_gpu else "cpu")
         self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
-        roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, self.config, with_ref=self.use_reference,
+        run_config = build_worker_run_config(self.config)
+        roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, run_config, with_ref=self.use_reference,
                                                with_optimizer=not t.val_only)}
         if self.use_critic:
             from mtrl.workers.critic.critic_worker import CriticWorker
-            roles["critic"] = RayClassWithInitArgs(CriticWorker, self.config)
+            roles["critic"] = RayClassWithInitArgs(CriticWorker, run_config)
         roles.update(getattr(self.rewards, "worker_roles", dict)())  # reward_type=model: the reward model
         self.worker_group = RayWorkerGroup(self.pool, create_colocated_worker_cls(roles))
         self.groups = self.worker_group.spawn(list(roles))

@@ -67,11 +67,13 @@ class PreferenceTrainer:
 
     def init_workers(self) -> None:
         from mtrl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+        from mtrl.training.worker_run_config import build_worker_run_config
         from mtrl.workers.preference_worker import PreferenceWorker
 
         t = self.config.training
         self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=uses_gpu(t))
-        self.worker_group = RayWorkerGroup(self.pool, RayClassWithInitArgs(PreferenceWorker, self.config, self.mode))
+        self.worker_group = RayWorkerGroup(self.pool, RayClassWithInitArgs(
+            PreferenceWorker, build_worker_run_config(self.config), self.mode))
         self.worker_group.init_model(max(1, self.total_steps))
 
     def shutdown(self) -> None:

@@ -27,7 +27,7 @@ from mtrl.optimization.config import (
     POLICY_LOSS_NAMES,
     OptimizationConfig,
 )
-from mtrl.workers.config import (
+from mtrl.config.worker import (
     LOSS_AGG_MODES,
     LR_SCHEDULER_TYPES,
     MIXED_PRECISION_DTYPES,

@@ -31,7 +31,6 @@ without torch.distributed (used by ``python -m mtrl.models.export``).
 """
 
 import json
-import logging
 import os
 import random
 import re
@@ -44,8 +43,9 @@ import numpy as np
 import torch
 
 from mtrl.utils.errors import UserError
+from mtrl.utils.logger import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "mtrl_checkpoint.json"

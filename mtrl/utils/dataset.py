@@ -52,7 +52,6 @@ Public API
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ import torch
 
 from mtrl.protocol import DataBatch
 from mtrl.utils.errors import UserError
+from mtrl.utils.logger import get_logger
 from mtrl.utils.rope import compute_position_ids, uses_mrope
 from mtrl.utils.vision import (VisionGeometry, VisionInputError, image_size, image_token_count, load_image,
                                load_video, resize_image, resized_hw)
@@ -70,7 +70,7 @@ from mtrl.utils.vision import (VisionGeometry, VisionInputError, image_size, ima
 __all__ = ["DatasetError", "RowSource", "RLDataset", "build_dataset", "collate_fn", "EpochSampler",
            "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 

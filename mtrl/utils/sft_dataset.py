@@ -32,16 +32,16 @@ Preference rows: ``{prompt (or question / messages), chosen_key: "...", rejected
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mtrl.protocol import DataBatch
 from mtrl.utils.dataset import RLDataset, DatasetError, RowSource, _PLACEHOLDER, _as_list
+from mtrl.utils.logger import get_logger
 from mtrl.utils.rope import compute_position_ids
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["SFTDataset", "PreferenceDataset", "normalise_sft_row", "collate_sequences", "pad_sequences",
            "build_sft_dataset", "build_preference_dataset"]

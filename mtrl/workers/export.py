@@ -10,7 +10,7 @@ stage would load. All ranks must call `save_hf_folder` (the gather is a collecti
 Parameter names are the module names of the loaded transformers model, which `from_pretrained` of
 the same transformers major version reads directly. A `ValueHeadModel` (reward model / critic) is
 written the same way: `model.*` backbone weights plus `score.weight` / `score.bias`; the folder then
-loads as the language model (the head is ignored) or, with `mtrl.workers.reward.model.load_reward_model`,
+loads as the language model (the head is ignored) or, with `mtrl.models.loader.load_reward_model`,
 as the scalar-head model.
 """
 

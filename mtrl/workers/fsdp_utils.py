@@ -1,22 +1,22 @@
-"""FSDP2 for the actor, reference and critic models: wrapping, full weights, offload, optimizer, LR schedule.
+"""FSDP2 for every worker's model: sharding (`apply_fsdp2`, the one place `fully_shard` is called), offload
+between phases, the optimizer and its LR schedule.
 
-Everything FSDP-specific lives here so the workers read as plain training code.
+Everything FSDP-specific lives here so the workers read as plain training code; `mtrl/workers/fsdp_worker.py`
+builds the models with it.
 """
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from mtrl.workers.config import FSDPConfig, OptimConfig
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from mtrl.config.worker import FSDPConfig, OptimConfig
+from mtrl.models.dtypes import resolve_dtype
 
 
 def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: List[nn.Module],
@@ -34,7 +34,7 @@ def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: 
         mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
-    dtype = _DTYPES[config.mixed_precision_dtype]
+    dtype = resolve_dtype(config.mixed_precision_dtype)
     kwargs = {
         "mesh": mesh,
         "reshard_after_forward": config.sharding_strategy == "FULL_SHARD",
@@ -50,12 +50,6 @@ def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: 
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
-
-
-def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The unsharded weights on every rank (a collective: all ranks must call it)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    return get_model_state_dict(model, options=options)
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -109,18 +103,3 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-
-def clipped_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-    """Clip by the global norm over all shards, step unless the norm is not finite, zero the grads.
-
-    Returns the norm before clipping (inf/nan when the step was skipped).
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    norm = float(norm)
-    if math.isfinite(norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm

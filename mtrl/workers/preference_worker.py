@@ -7,56 +7,31 @@ One Ray actor per device, like the actor worker; the controller (mtrl/training/p
 
 from typing import Dict
 
-import torch
-import transformers
-
 from mtrl.agents.preference_agent import PreferenceAgent
-from mtrl.models.attention import enable_padding_free_attention
-from mtrl.models.loader import decoder_layers, load_model, load_processor, vision_tower
+from mtrl.config.worker import WorkerRunConfig
 from mtrl.protocol import DataBatch
-from mtrl.single_controller.base import Dispatch, Worker, register
+from mtrl.single_controller.base import Dispatch, register
 from mtrl.workers import fsdp_utils
+from mtrl.workers.fsdp_worker import FSDPWorker
 
 
-class PreferenceWorker(Worker):
-    def __init__(self, config, mode: str):
-        super().__init__()
-        self.config = config
+class PreferenceWorker(FSDPWorker):
+    def __init__(self, config: WorkerRunConfig, mode: str):
+        super().__init__(config)
         self.mode = mode
-
-    def _load(self, trainable: bool):
-        mcfg, acfg = self.config.worker.actor.model, self.config.worker.actor
-        kwargs = dict(attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code,
-                      gradient_checkpointing=trainable and mcfg.enable_gradient_checkpointing,
-                      freeze_vision_tower=mcfg.freeze_vision_tower or not trainable)
-        if self.mode == "reward_model":
-            from mtrl.workers.reward.model import load_reward_model
-
-            torch.manual_seed(self.config.training.seed)
-            model = load_reward_model(mcfg.model_path, require_head=False, **kwargs)
-        else:
-            model = load_model(mcfg.model_path, dtype=torch.float32, **kwargs)
-        if acfg.padding_free:
-            enable_padding_free_attention(model)
-        if not trainable:
-            model.requires_grad_(False)
-        fsdp_utils.apply_fsdp2(model, acfg.fsdp, self.device.type, decoder_layers(model), vision_tower(model))
-        return model
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self, total_training_steps: int = 1) -> None:
-        self.init_distributed()
-        transformers.utils.logging.disable_progress_bar()
         acfg = self.config.worker.actor
-        torch.manual_seed(self.config.training.seed)
-        self.tokenizer, _ = load_processor(acfg.model.tokenizer_path or acfg.model.model_path)
-        self.model = self._load(trainable=True)
-        ref = self._load(trainable=False) if self.mode == "dpo" else None
+        self.setup_process(acfg.model.tokenizer_path or acfg.model.model_path)
+        # A reward model starts from the policy with a fresh scalar head (or the folder's, if it has one).
+        head = "score_or_new" if self.mode == "reward_model" else "lm"
+        self.model = self.build_model(acfg.model.model_path, acfg, trainable=True, head=head)
+        ref = self.build_model(acfg.model.model_path, acfg, trainable=False) if self.mode == "dpo" else None
         self.optimizer = fsdp_utils.build_optimizer(self.model, acfg.optim)
         self.lr_scheduler = fsdp_utils.build_lr_scheduler(self.optimizer, acfg.optim, total_training_steps)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.agent = PreferenceAgent(self.mode, acfg, self.config.optimization, self.model, self.device,
-                                     self.optimizer, ref_model=ref, pad_token_id=pad)
+                                     self.optimizer, ref_model=ref, pad_token_id=self.pad_token_id)
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def update(self, batch: DataBatch) -> Dict[str, float]:

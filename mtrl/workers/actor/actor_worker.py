@@ -9,23 +9,23 @@ from dataclasses import replace
 from typing import Dict
 
 import torch
-import transformers
 
 from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
+from mtrl.config.worker import WorkerRunConfig
 from mtrl.models import lora
-from mtrl.models.attention import enable_padding_free_attention
-from mtrl.models.loader import decoder_layers, load_model, load_processor, vision_tower
+from mtrl.models.dtypes import resolve_dtype
+from mtrl.models.loader import load_model
 from mtrl.protocol import DataBatch
-from mtrl.single_controller.base import Dispatch, Worker, register
-from mtrl.training.training_config import MTRLConfig
+from mtrl.single_controller.base import Dispatch, register
 from mtrl.utils import checkpoint
 from mtrl.utils.rope import compute_position_ids
 from mtrl.workers import fsdp_utils
-from mtrl.workers.actor.perception import perturb_images, sample_seed
+from mtrl.utils.seeding import sample_seed
+from mtrl.workers.actor.perception import perturb_images
+from mtrl.workers.fsdp_worker import FSDPWorker
 from mtrl.workers.rollout import SamplingParams, check_engine_available
 from mtrl.workers.rollout.hf_engine import HFRolloutEngine
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from mtrl.workers.rollout.weight_sync import RolloutWeightSync
 
 
 def sequence_position_ids(model_config, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -46,48 +46,24 @@ def sequence_position_ids(model_config, input_ids: torch.Tensor, attention_mask:
     return out[:, 0] if out.shape[1] == 1 else out
 
 
-class ActorRolloutRefWorker(Worker):
-    def __init__(self, config: MTRLConfig, with_ref: bool = True, with_optimizer: bool = True):
-        super().__init__()
-        self.config = config
+class ActorRolloutRefWorker(FSDPWorker):
+    def __init__(self, config: WorkerRunConfig, with_ref: bool = True, with_optimizer: bool = True):
+        super().__init__(config)
         self.with_ref = with_ref
         self.with_optimizer = with_optimizer
         check_engine_available(config.worker.rollout.name)
 
     # ------------------------------------------------------------------ setup
 
-    def _load_fsdp_model(self, trainable: bool, adapter: bool = False):
-        mcfg, acfg = self.config.worker.actor.model, self.config.worker.actor
-        adapter = adapter and lora.peft_type(mcfg) is not None  # LoRA / QLoRA (mtrl.models.lora)
-        kwargs = dict(attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code,
-                      gradient_checkpointing=trainable and mcfg.enable_gradient_checkpointing,
-                      freeze_vision_tower=mcfg.freeze_vision_tower or not trainable)
-        if adapter and mcfg.peft_type == "qlora":
-            model = lora.load_quantized_model(mcfg.model_path, compute_dtype=_DTYPES[acfg.fsdp.mixed_precision_dtype],
-                                              **kwargs)
-        else:
-            model = load_model(mcfg.model_path, dtype=torch.float32, **kwargs)
-        if acfg.padding_free:
-            enable_padding_free_attention(model)
-        if adapter:
-            model = lora.apply_lora(model, mcfg)
-        if not trainable:
-            model.requires_grad_(False)
-        fsdp_utils.apply_fsdp2(model, acfg.fsdp, self.device.type, decoder_layers(model), vision_tower(model),
-                               ignored_params=lora.quantized_params(model))
-        return model
-
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self, total_training_steps: int = 1) -> None:
-        self.init_distributed()
-        transformers.utils.logging.disable_progress_bar()
         cfg = self.config.worker
-        torch.manual_seed(self.config.training.seed)
-        self.tokenizer, self.processor = load_processor(cfg.actor.model.tokenizer_path or cfg.actor.model.model_path)
-        self.actor = self._load_fsdp_model(trainable=self.with_optimizer, adapter=True)
+        model_path = cfg.actor.model.model_path
+        self.setup_process(cfg.actor.model.tokenizer_path or model_path)
+        # The adapter (peft_type: LoRA / QLoRA, mtrl.models.lora) goes on the actor only.
+        self.actor = self.build_model(model_path, cfg.actor, trainable=self.with_optimizer, adapter=cfg.actor.model)
         self.model_config = self.actor.config
-        # Weights for the rollout engine under the base model's names (LoRA merged in).
-        self.rollout_weights = lora.RolloutWeights(cfg.actor.model, load_base=self._build_inference_model)
+        self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model)
         optimizer = None
         if self.with_optimizer:
             optimizer = fsdp_utils.build_optimizer(self.actor, cfg.actor.optim)
@@ -96,7 +72,7 @@ class ActorRolloutRefWorker(Worker):
         self.ref_agent = None
         # With LoRA the reference policy is the actor with its adapter disabled: no second copy.
         if self.with_ref and lora.peft_type(cfg.actor.model) is None:
-            self.ref = self._load_fsdp_model(trainable=False)
+            self.ref = self.build_model(model_path, cfg.actor, trainable=False)
             self.ref_agent = ParallelPolicyAgent(cfg.actor, self.ref, self.device)
             if cfg.ref.offload_params:
                 self.ref.to("cpu")
@@ -105,13 +81,12 @@ class ActorRolloutRefWorker(Worker):
         eos = self.tokenizer.eos_token_id
         eos_ids = {eos} | set(getattr(self.actor.generation_config, "eos_token_id", None) or [])
         self.rollout = HFRolloutEngine(self._build_inference_model, self.model_config, sorted(eos_ids),
-                                       self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
-                                       self.device, cfg.rollout.micro_batch_size_per_device)
+                                       self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)
 
     def _build_inference_model(self):
-        mcfg = self.config.worker.actor.model
-        return load_model(mcfg.model_path, dtype=_DTYPES[self.config.worker.actor.fsdp.mixed_precision_dtype],
-                          attn_implementation="sdpa", trust_remote_code=mcfg.trust_remote_code)
+        actor = self.config.worker.actor
+        return load_model(actor.model.model_path, dtype=resolve_dtype(actor.fsdp.mixed_precision_dtype),
+                          attn_implementation="sdpa", trust_remote_code=actor.model.trust_remote_code)
 
     # ------------------------------------------------------------------ rollout
 
@@ -122,10 +97,10 @@ class ActorRolloutRefWorker(Worker):
         params = SamplingParams(
             n=meta.get("n", rcfg.n), temperature=meta.get("temperature", rcfg.temperature),
             top_p=meta.get("top_p", rcfg.top_p), top_k=meta.get("top_k", rcfg.top_k),
-            max_new_tokens=rcfg.max_new_tokens or self.config.dataset.max_response_length,
-            seed=sample_seed(self.config.training.seed, meta.get("global_step", 0), "rollout"))
+            max_new_tokens=rcfg.max_new_tokens,
+            seed=sample_seed(self.config.seed, meta.get("global_step", 0), "rollout"))
         with self._actor_resident():
-            self.rollout.load_weights(self.rollout_weights(self.actor).items())
+            self.weight_sync.sync_to(self.rollout)
         out = self.rollout.generate(prompts, params)
         self.rollout.release()
         return self._complete_sequences(out)
@@ -165,7 +140,7 @@ class ActorRolloutRefWorker(Worker):
         if opt.perception_patch_size % patch != 0:
             raise ValueError(f"optimization.perception_patch_size={opt.perception_patch_size} must be a multiple of "
                              f"the model's vision patch size {patch}.")
-        return [perturb_images(mm or {}, seed=sample_seed(self.config.training.seed, step, uid),
+        return [perturb_images(mm or {}, seed=sample_seed(self.config.seed, step, uid),
                                merge_size=image_processor.merge_size,
                                patches_per_cell=opt.perception_patch_size // patch, mask_prob=opt.perception_mask_prob,
                                image_mean=image_processor.image_mean, image_std=image_processor.image_std)
@@ -216,8 +191,8 @@ class ActorRolloutRefWorker(Worker):
         from mtrl.workers.export import save_hf_folder
 
         with self._actor_resident():
-            weights = self.rollout_weights(self.actor) if hasattr(self, "rollout_weights") else None
-            save_hf_folder(self.actor, path, self.config.worker.actor.model.model_path, self.rank, weights=weights)
+            save_hf_folder(self.actor, path, self.config.worker.actor.model.model_path, self.rank,
+                           weights=dict(self.weight_sync.weights()))
 
     # ------------------------------------------------------------------ checkpoints (mtrl.utils.checkpoint)
 

@@ -11,7 +11,6 @@ from typing import Dict, Sequence
 
 import torch
 
-from mtrl.utils.seeding import sample_seed  # noqa: F401  (the perturbation's seed; used by the actor)
 
 
 def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:

@@ -3,39 +3,25 @@
 from typing import Dict
 
 import torch
-import transformers
 
+from mtrl.agents.optimizer_step import clipped_optimizer_step
 from mtrl.agents.parallel_policy_agent import all_reduce_sums, global_normalisers, make_micro_batches, token_weighted
-from mtrl.models.attention import enable_padding_free_attention
-from mtrl.models.loader import decoder_layers, load_model, vision_tower
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
-from mtrl.single_controller.base import Dispatch, Worker, register
-from mtrl.training.training_config import MTRLConfig
+from mtrl.single_controller.base import Dispatch, register
 from mtrl.utils import checkpoint
 from mtrl.workers import fsdp_utils
+from mtrl.workers.fsdp_worker import FSDPWorker
 
 
-class CriticWorker(Worker):
-    def __init__(self, config: MTRLConfig):
-        super().__init__()
-        self.config = config
-
+class CriticWorker(FSDPWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self, total_training_steps: int = 1) -> None:
-        self.init_distributed()
-        transformers.utils.logging.disable_progress_bar()
         cfg = self.config.worker.critic
-        model_path = cfg.model.model_path or self.config.worker.actor.model.model_path
-        self.model = load_model(model_path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
-                                trust_remote_code=cfg.model.trust_remote_code,
-                                gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
-                                freeze_vision_tower=cfg.model.freeze_vision_tower, for_value=True)
-        if cfg.padding_free:
-            enable_padding_free_attention(self.model)
-        fsdp_utils.apply_fsdp2(self.model, cfg.fsdp, self.device.type, decoder_layers(self.model),
-                               vision_tower(self.model))
+        self.setup_process()  # no tokenizer: the critic reads token ids only
+        # model_path: the critic's own or (filled in on the driver) the policy's.
+        self.model = self.build_model(cfg.model.model_path, cfg, trainable=True, head="value")
         self.optimizer = fsdp_utils.build_optimizer(self.model, cfg.optim)
         self.lr_scheduler = fsdp_utils.build_lr_scheduler(self.optimizer, cfg.optim, total_training_steps)
         if cfg.offload.offload_params:
@@ -98,7 +84,7 @@ class CriticWorker(Worker):
                     sums["critic/vf_loss"] += loss.item()
                     sums["critic/vf_clipfrac"] += token_weighted({"f": frac}, t["response_mask"],
                                                                  norm["global_token_count"])["f"]
-                grad_norm = fsdp_utils.clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)
+                grad_norm = clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)
                 for k, v in all_reduce_sums(sums, self.device).items():
                     history.setdefault(k, []).append(v)
                 history.setdefault("critic/grad_norm", []).append(grad_norm)

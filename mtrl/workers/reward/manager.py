@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from mtrl.config.worker import RewardConfig
 from mtrl.protocol import DataBatch
-from mtrl.workers.config import RewardConfig
 from mtrl.workers.reward.function import Metrics, RewardError, RewardFunction, Scores, load_reward_function
 from mtrl.workers.reward.worker import RewardWorker
 

@@ -1,7 +1,10 @@
-"""The `worker` config section: actor, critic, reference policy, rollout engine, reward."""
+"""The `worker` config section (actor, critic, reference policy, rollout engine, reward), and `WorkerRunConfig`,
+what a worker process receives instead of the root config."""
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from mtrl.optimization.config import OptimizationConfig
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 MIXED_PRECISION_DTYPES = ("bf16", "fp16", "fp32")
@@ -141,3 +144,18 @@ class WorkerConfig:
     ref: RefConfig = field(default_factory=RefConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class WorkerRunConfig:
+    """Everything a worker process is given: never the root config, so workers cannot depend on the controller.
+
+    Filled in on the driver (`mtrl.training.worker_run_config.build_worker_run_config`) from the root config:
+    `worker` is a copy of the `worker` section with the values the driver resolves set
+    (`rollout.max_new_tokens`, `critic.model.model_path`), `optimization` is the `optimization` section
+    (the actor's losses and TPRL settings) and `seed` is `training.seed`.
+    """
+
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    seed: int = 1
