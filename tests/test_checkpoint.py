@@ -1,6 +1,7 @@
 """Checkpoints: layout, crash safety, save_limit, resume selection (fast, in-process); sharded state that
 loads at another world size (torch.distributed on CPU, slow); and end-to-end resume through the CLI:
-4 steps straight == 2 steps + resume for 2, resume on fewer workers, evaluation of a checkpoint (slow)."""
+4 steps straight == 2 steps + resume for 2 (RL, DPO, reward model), resume on fewer workers, evaluation of a
+checkpoint (slow)."""
 
 import json
 import os
@@ -424,3 +425,30 @@ def test_resume_with_critic_and_adaptive_divergence(workdir):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6, rel=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,loss", [("dpo", "dpo/loss"), ("reward_model", "reward_model/loss")])
+def test_preference_resume_gives_the_same_steps_as_an_uninterrupted_run(workdir, mode, loss):
+    """DPO / reward model: 4 steps straight == 2 steps, stop, resume for 2 (metrics and final weights)."""
+    pairs = ("training.mode=" + mode, "dataset.preference_files=outputs/quickstart/shapes/train_pairs.jsonl")
+    _, straight = run_cli(workdir, f"{mode}_straight", *pairs, steps=4)
+    _, first = run_cli(workdir, f"{mode}_resumed", *pairs, steps=2)
+    proc, resumed = run_cli(workdir, f"{mode}_resumed", *pairs, steps=4)
+    assert [row["step"] for row in first] == [1, 2] and [row["step"] for row in resumed] == [1, 2, 3, 4]
+    assert "global_step_2 at step 2" in proc.stderr
+    a, b = by_step(straight), by_step(resumed)
+    grad_norm = loss.replace("/loss", "/grad_norm")
+    assert all(a[s][grad_norm] > 0 for s in (3, 4)) and a[3][loss] != a[4][loss]
+    for step in (3, 4):
+        expected, got = computed_metrics(a[step]), computed_metrics(b[step])
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6, rel=1e-6), f"step {step}: {key}"
+    run_a, run_b = workdir / "runs" / f"{mode}_straight", workdir / "runs" / f"{mode}_resumed"
+    wa = ckpt.load_model_state_dict(str(run_a / "global_step_4" / "actor"))
+    wb = ckpt.load_model_state_dict(str(run_b / "global_step_4" / "actor"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(os.listdir(run_b / "global_step_2" / "actor")) == [
+        "extra_state_rank_0.pt", "extra_state_rank_1.pt", "huggingface", "model", "optim"]
+    assert (run_b / "huggingface" / "config.json").is_file()  # exported at the end, as before

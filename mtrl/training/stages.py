@@ -175,7 +175,7 @@ def _ray_cpus(configs: List[MTRLConfig]) -> int:
     return max(max(4, c.training.world_size + c.worker.reward.num_cpus + 1) for c in configs)
 
 
-def _write_marker(stage: Stage, seconds: float) -> None:
+def write_done_marker(stage: Stage, seconds: float) -> None:
     if not os.path.isfile(os.path.join(stage.export_dir, "config.json")):
         raise RuntimeError(f"stage {stage.name!r} finished but wrote no model to {stage.export_dir}")
     tmp = stage.marker + ".tmp"
@@ -253,7 +253,7 @@ def run_stages(config: MTRLConfig) -> int:
                 print(f"mtrl: stage {stage.name!r} {what} (exit {rc}); finished stages are kept and skipped "
                       f"when the command runs again", file=sys.stderr)
                 return rc
-            _write_marker(stage, time.perf_counter() - start)
+            write_done_marker(stage, time.perf_counter() - start)
         print(f"[mtrl] all stages done. run directory: {root}; final model: {stages[-1].export_dir}")
         print_summary(stages, root)
         return 0
