@@ -98,7 +98,7 @@ def test_a_stage_is_done_only_for_the_settings_it_finished_with(tmp_path):
     assert two.finished_with() is None and not two.done
     os.makedirs(two.export_dir)
     (tmp_path / "run" / "rl" / "huggingface" / "config.json").write_text("{}")
-    write_done_marker(two, seconds=1.0)
+    write_done_marker(two, two.settings, seconds=1.0)
     assert two.done and two.finished_with() == {"max_steps": 2, "total_epochs": 10, "data_files": "t.jsonl"}
     assert stage("training.max_steps=2").done
     assert not stage("training.max_steps=4").done  # raised: the stage runs again (from its last checkpoint)

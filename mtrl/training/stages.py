@@ -175,13 +175,13 @@ def _ray_cpus(configs: List[MTRLConfig]) -> int:
     return max(max(4, c.training.world_size + c.worker.reward.num_cpus + 1) for c in configs)
 
 
-def write_done_marker(stage: Stage, seconds: float) -> None:
+def write_done_marker(stage: Stage, settings: Dict[str, Any], seconds: float) -> None:
     if not os.path.isfile(os.path.join(stage.export_dir, "config.json")):
         raise RuntimeError(f"stage {stage.name!r} finished but wrote no model to {stage.export_dir}")
     tmp = stage.marker + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"name": stage.name, "mode": stage.mode, "index": stage.index, "export_dir": stage.export_dir,
-                   "settings": stage.settings, "seconds": round(seconds, 1),
+                   "settings": settings, "seconds": round(seconds, 1),
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
     os.replace(tmp, stage.marker)
 
@@ -243,8 +243,9 @@ def run_stages(config: MTRLConfig) -> int:
                 changed = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in stage.settings.items()
                                     if before.get(k) != v)
                 print(f"[mtrl] stage {stage.name!r} finished with other settings ({changed}); running it again "
-                      f"from its last checkpoint")
+                      f"(from its last checkpoint with training.find_last_checkpoint=true)")
             print(f"[mtrl] stage {stage.index + 1}/{len(stages)}: {stage.name!r} ({stage.mode}) -> {stage.run_dir}")
+            settings = stage.settings  # as configured: the run makes the config's paths absolute
             start = time.perf_counter()
             rc = run_training(stage.config, trainer_cls=partial(trainer_class(stage.config),
                                                                 export_dir=stage.export_dir))
@@ -253,7 +254,7 @@ def run_stages(config: MTRLConfig) -> int:
                 print(f"mtrl: stage {stage.name!r} {what} (exit {rc}); finished stages are kept and skipped "
                       f"when the command runs again", file=sys.stderr)
                 return rc
-            write_done_marker(stage, time.perf_counter() - start)
+            write_done_marker(stage, settings, time.perf_counter() - start)
         print(f"[mtrl] all stages done. run directory: {root}; final model: {stages[-1].export_dir}")
         print_summary(stages, root)
         return 0
