@@ -1,6 +1,7 @@
 """Checkpoints: layout, crash safety, save_limit, resume selection (fast, in-process); sharded state that
 loads at another world size (torch.distributed on CPU, slow); and end-to-end resume through the CLI:
-4 steps straight == 2 steps + resume for 2, resume on fewer workers, evaluation of a checkpoint (slow)."""
+4 steps straight == 2 steps + resume for 2 (RL, DPO, reward model), resume on fewer workers, evaluation of a
+checkpoint (slow)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from mtrl.optimization.policy_optimization import AdaptiveDivergenceController, EntropyBonusController
+from mtrl.training.checkpointing import CheckpointManager, resolve_resume_path, should_save
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils import checkpoint as ckpt
 from mtrl.utils.errors import UserError
@@ -73,18 +75,29 @@ class FakeGroup:
         return [None]
 
 
-class FakeLoader:
+class ControllerState:
+    """The controller state a trainer's state_dict() holds: step, data position, divergence and entropy-bonus
+    controllers, RNG (the real Trainer's is tested end to end below)."""
+
     def __init__(self):
-        self.epoch, self.offset = 0, 0
+        self.global_step, self.offset = 0, 0
+        self.divergence = AdaptiveDivergenceController(0.1, 6.0, 100)
+        self.entropy_bonus = EntropyBonusController("adaptive", 0.0, target=0.5, step=0.01)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"global_step": self.global_step, "dataloader": {"epoch": 0, "offset": self.offset},
+                "divergence": self.divergence.state_dict(), "entropy_bonus": self.entropy_bonus.state_dict(),
+                "rng": ckpt.rng_state()}
 
     def load_state_dict(self, state):
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        self.global_step, self.offset = state["global_step"], state["dataloader"]["offset"]
+        self.divergence.load_state_dict(state["divergence"])
+        self.entropy_bonus.load_state_dict(state["entropy_bonus"])
+        ckpt.set_rng_state(state["rng"])
 
 
 def fake_trainer(run_dir, save_limit=None, **training):
+    """A checkpoint manager, one in-process worker group and the controller state, as a trainer holds them."""
     config = MTRLConfig()
     config.training.save_checkpoint_path = str(run_dir)
     config.training.save_limit = save_limit
@@ -93,10 +106,21 @@ def fake_trainer(run_dir, save_limit=None, **training):
     model = tiny_text_model()
     optimizer = fsdp_utils.build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=3, lr_scheduler_type="cosine"))
     scheduler = fsdp_utils.build_lr_scheduler(optimizer, OptimConfig(warmup_steps=3, lr_scheduler_type="cosine"), 10)
-    return SimpleNamespace(config=config, run_dir=str(run_dir), actor_wg=FakeGroup(model, optimizer, scheduler),
-                           critic_wg=None, train_loader=FakeLoader(), global_step=0,
-                           divergence=AdaptiveDivergenceController(0.1, 6.0, 100),
-                           entropy_bonus=EntropyBonusController("adaptive", 0.0, target=0.5, step=0.01))
+    return SimpleNamespace(config=config, run_dir=str(run_dir), manager=CheckpointManager(config),
+                           actor_wg=FakeGroup(model, optimizer, scheduler), controller=ControllerState())
+
+
+def save(trainer):
+    return trainer.manager.save(trainer.controller.global_step, {"actor": trainer.actor_wg},
+                                trainer.controller.state_dict())
+
+
+def resume(trainer):
+    found = trainer.manager.load({"actor": trainer.actor_wg})
+    if found is None:
+        return None
+    trainer.controller.load_state_dict(found[1])
+    return found[0]
 
 
 def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
@@ -104,11 +128,12 @@ def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
     group = trainer.actor_wg
     for step in (1, 2, 3):
         train_steps(group.model, group.optimizer, group.scheduler, 1, seed=step)
-        trainer.global_step = step
-        trainer.train_loader.offset = 16 * step
-        trainer.divergence.update(10.0, 10)
-        trainer.entropy_bonus.coefficient(0.1)  # below target: the coefficient grows by one step
-        path = ckpt.save_checkpoint(trainer)
+        controller = trainer.controller
+        controller.global_step = step
+        controller.offset = 16 * step
+        controller.divergence.update(10.0, 10)
+        controller.entropy_bonus.coefficient(0.1)  # below target: the coefficient grows by one step
+        path = save(trainer)
         assert ckpt.read_tracker(trainer.run_dir) == step
     assert os.path.basename(path) == "global_step_3"
     # save_limit=2 keeps the newest two; nothing half-written is left.
@@ -122,7 +147,7 @@ def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
     expected_model = {k: v.clone() for k, v in group.model.state_dict().items()}
     expected_optim = group.optimizer.state_dict()
     expected_lr = group.scheduler.get_last_lr()
-    expected_coef = trainer.divergence.value
+    expected_coef = trainer.controller.divergence.value
     expected_draw = torch.rand(3)  # the RNG state was saved just before this draw
 
     fresh = fake_trainer(tmp_path / "run")
@@ -130,11 +155,11 @@ def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
     fresh.actor_wg.optimizer = fsdp_utils.build_optimizer(fresh.actor_wg.model, OptimConfig(lr=1e-2))
     fresh.actor_wg.scheduler = fsdp_utils.build_lr_scheduler(
         fresh.actor_wg.optimizer, OptimConfig(warmup_steps=3, lr_scheduler_type="cosine"), 10)
-    assert ckpt.resume_from_checkpoint(fresh) == path
+    assert resume(fresh) == path
     assert torch.equal(torch.rand(3), expected_draw)
-    assert fresh.global_step == 3 and fresh.train_loader.offset == 48
-    assert fresh.divergence.value == pytest.approx(expected_coef) and expected_coef != 0.1
-    assert fresh.entropy_bonus.value == pytest.approx(0.03)
+    assert fresh.controller.global_step == 3 and fresh.controller.offset == 48
+    assert fresh.controller.divergence.value == pytest.approx(expected_coef) and expected_coef != 0.1
+    assert fresh.controller.entropy_bonus.value == pytest.approx(0.03)
     for key, value in fresh.actor_wg.model.state_dict().items():
         assert torch.equal(value, expected_model[key]), key
     got_optim = fresh.actor_wg.optimizer.state_dict()
@@ -151,8 +176,8 @@ def test_save_resume_round_trip_layout_and_save_limit(tmp_path):
 
 def test_interrupted_save_is_never_picked_and_is_cleaned_up(tmp_path):
     trainer = fake_trainer(tmp_path / "run")
-    trainer.global_step = 1
-    ckpt.save_checkpoint(trainer)
+    trainer.controller.global_step = 1
+    save(trainer)
     run_dir = trainer.run_dir
     # A crash in the middle of saving step 2: its folder is still `.partial`, the tracker still says 1.
     partial = os.path.join(run_dir, "global_step_2" + ckpt.PARTIAL_SUFFIX)
@@ -170,12 +195,12 @@ def test_interrupted_save_is_never_picked_and_is_cleaned_up(tmp_path):
     # A tracker pointing at a missing folder falls back too.
     ckpt.write_tracker(run_dir, 9)
     assert ckpt.find_latest_checkpoint(run_dir).endswith("global_step_1")
-    trainer.global_step = 2
-    ckpt.save_checkpoint(trainer)
+    trainer.controller.global_step = 2
+    save(trainer)
     assert not os.path.exists(partial)
     assert ckpt.read_tracker(run_dir) == 2
     # Saving the same step again replaces it.
-    ckpt.save_checkpoint(trainer)
+    save(trainer)
     assert sorted(p for p in os.listdir(run_dir) if p.startswith("global_step_1") or p.startswith("global_step_2")) \
         == ["global_step_1", "global_step_2"]
 
@@ -183,30 +208,30 @@ def test_interrupted_save_is_never_picked_and_is_cleaned_up(tmp_path):
 def test_resume_path_selection(tmp_path):
     trainer = fake_trainer(tmp_path / "run")
     t = trainer.config.training
-    assert ckpt.resolve_resume_path(t, trainer.run_dir) is None  # nothing saved yet: a fresh start
-    trainer.global_step = 4
-    saved = ckpt.save_checkpoint(trainer)
-    assert ckpt.resolve_resume_path(t, trainer.run_dir) == saved
+    assert resolve_resume_path(t, trainer.run_dir) is None  # nothing saved yet: a fresh start
+    trainer.controller.global_step = 4
+    saved = save(trainer)
+    assert resolve_resume_path(t, trainer.run_dir) == saved
     t.find_last_checkpoint = False
-    assert ckpt.resolve_resume_path(t, trainer.run_dir) is None
+    assert resolve_resume_path(t, trainer.run_dir) is None
     t.load_checkpoint_path = saved
-    assert ckpt.resolve_resume_path(t, trainer.run_dir) == saved
+    assert resolve_resume_path(t, trainer.run_dir) == saved
     t.load_checkpoint_path = trainer.run_dir  # the run folder, not a checkpoint: say which one to pass
     with pytest.raises(UserError, match=r"not a complete MTRL checkpoint.*global_step_4"):
-        ckpt.resolve_resume_path(t, trainer.run_dir)
+        resolve_resume_path(t, trainer.run_dir)
     t.load_checkpoint_path = str(tmp_path / "nope")
     with pytest.raises(UserError, match="no such folder"):
-        ckpt.resolve_resume_path(t, trainer.run_dir)
+        resolve_resume_path(t, trainer.run_dir)
     # A LoRA checkpoint cannot resume a full fine-tuning run (and vice versa).
     t.load_checkpoint_path = saved
     trainer.config.worker.actor.model.peft_type = "lora"
     with pytest.raises(UserError, match="peft_type"):
-        ckpt.resume_from_checkpoint(trainer)
+        resume(trainer)
 
 
 def test_should_save():
-    assert [s for s in range(1, 8) if ckpt.should_save(3, s, s == 7)] == [3, 6, 7]
-    assert [s for s in range(1, 8) if ckpt.should_save(-1, s, s == 7)] == [7]
+    assert [s for s in range(1, 8) if should_save(3, s, s == 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if should_save(-1, s, s == 7)] == [7]
 
 
 # ============================================================================= torch.distributed (slow)
@@ -400,3 +425,30 @@ def test_resume_with_critic_and_adaptive_divergence(workdir):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6, rel=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,loss", [("dpo", "dpo/loss"), ("reward_model", "reward_model/loss")])
+def test_preference_resume_gives_the_same_steps_as_an_uninterrupted_run(workdir, mode, loss):
+    """DPO / reward model: 4 steps straight == 2 steps, stop, resume for 2 (metrics and final weights)."""
+    pairs = ("training.mode=" + mode, "dataset.preference_files=outputs/quickstart/shapes/train_pairs.jsonl")
+    _, straight = run_cli(workdir, f"{mode}_straight", *pairs, steps=4)
+    _, first = run_cli(workdir, f"{mode}_resumed", *pairs, steps=2)
+    proc, resumed = run_cli(workdir, f"{mode}_resumed", *pairs, steps=4)
+    assert [row["step"] for row in first] == [1, 2] and [row["step"] for row in resumed] == [1, 2, 3, 4]
+    assert "global_step_2 at step 2" in proc.stderr
+    a, b = by_step(straight), by_step(resumed)
+    grad_norm = loss.replace("/loss", "/grad_norm")
+    assert all(a[s][grad_norm] > 0 for s in (3, 4)) and a[3][loss] != a[4][loss]
+    for step in (3, 4):
+        expected, got = computed_metrics(a[step]), computed_metrics(b[step])
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6, rel=1e-6), f"step {step}: {key}"
+    run_a, run_b = workdir / "runs" / f"{mode}_straight", workdir / "runs" / f"{mode}_resumed"
+    wa = ckpt.load_model_state_dict(str(run_a / "global_step_4" / "actor"))
+    wb = ckpt.load_model_state_dict(str(run_b / "global_step_4" / "actor"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(os.listdir(run_b / "global_step_2" / "actor")) == [
+        "extra_state_rank_0.pt", "extra_state_rank_1.pt", "huggingface", "model", "optim"]
+    assert (run_b / "huggingface" / "config.json").is_file()  # exported at the end, as before

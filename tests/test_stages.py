@@ -1,7 +1,7 @@
 """Training stages: config resolution (overrides, run directories, weights handed from stage to stage,
 validation naming the stage), and end-to-end runs from one command each (slow): SFT warmup then RL with
-CHORD (finished stages skipped when the command runs again), and SFT -> reward model -> RL with
-`reward_type: model`."""
+CHORD (finished stages skipped when the command runs again), SFT -> reward model -> RL with
+`reward_type: model`, and a finished RL stage extended by raising its max_steps."""
 
 import json
 import math
@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from mtrl.training.stages import resolve_stages, trainer_class
+from mtrl.training.stages import resolve_stages, trainer_class, write_done_marker
 from mtrl.training.training_config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,24 @@ def test_single_mode_runs_validate_their_data(tmp_path):
         load_config([write(tmp_path, BASE), "training.mode=dpo", "optimization.dpo.loss_type=kto"])
 
 
+def test_a_stage_is_done_only_for_the_settings_it_finished_with(tmp_path):
+    def stage(*overrides):
+        cfg = load_config([write(tmp_path, BASE + "stages: [{name: rl, mode: rl}]\n"), *overrides])
+        cfg.training.save_checkpoint_path = str(tmp_path / "run")
+        return resolve_stages(cfg)[0]
+
+    two = stage("training.max_steps=2")
+    assert two.finished_with() is None and not two.done
+    os.makedirs(two.export_dir)
+    (tmp_path / "run" / "rl" / "huggingface" / "config.json").write_text("{}")
+    write_done_marker(two, two.settings, seconds=1.0)
+    assert two.done and two.finished_with() == {"max_steps": 2, "total_epochs": 10, "data_files": "t.jsonl"}
+    assert stage("training.max_steps=2").done
+    assert not stage("training.max_steps=4").done  # raised: the stage runs again (from its last checkpoint)
+    assert not stage("training.max_steps=2", "training.total_epochs=20").done
+    assert not stage("training.max_steps=2", "dataset.train_files=u.jsonl").done
+
+
 def test_shipped_stage_configs_are_valid():
     for path in (SFT_CHORD, RM_RL):
         stages = resolve_stages(load_config([f"config={path}"]))
@@ -156,3 +175,46 @@ def test_reward_model_stage_then_rl_with_reward_type_model(workdir):
     assert rl_rows[0]["reward/overall"] != rl_rows[0]["reward/function_score"]
     rl_config = (run / "rl" / "config.yaml").read_text()
     assert "reward_model/huggingface" in rl_config and "sft/huggingface" in rl_config
+
+
+@pytest.mark.slow
+def test_raising_max_steps_of_a_finished_stage_trains_the_extra_steps(workdir):
+    """RL stage: 2 steps, then the same command with max_steps=4 trains steps 3-4, equal to a straight 4-step
+    run (metrics and final weights); the same command once more skips the stage."""
+    from mtrl.utils import checkpoint as ckpt
+    from test_checkpoint import LENGTH_REWARD, QUICKSTART, by_step, computed_metrics
+
+    reward = workdir / "length_reward.py"
+    reward.write_text(LENGTH_REWARD)
+    config = workdir / "rl_stage.yaml"  # the quickstart's RL part as the only stage
+    config.write_text(QUICKSTART.read_text().split("\nstages:")[0] + "\nstages:\n  - {name: rl, mode: rl}\n")
+
+    def run(root, steps):
+        proc = run_cli(workdir, config, f"training.max_steps={steps}", f"training.save_checkpoint_path={root}",
+                       "training.val_before_train=false", "dataset.val_files=", "training.logger=[file]",
+                       f"worker.reward.reward_fn_path={reward}")
+        rows = metrics(workdir / root / "rl" / "metrics.jsonl")
+        return proc, rows
+
+    _, straight = run("runs/stage_straight", 4)
+    _, first = run("runs/stage_extended", 2)
+    assert [r["step"] for r in first] == [1, 2]
+    proc, extended = run("runs/stage_extended", 4)
+    assert "finished with other settings (max_steps 2 -> 4)" in proc.stdout
+    assert "global_step_2 at step 2" in proc.stderr
+    assert [r["step"] for r in extended] == [1, 2, 3, 4]
+    a, b = by_step(straight), by_step(extended)
+    assert all(a[s]["actor/grad_norm"] > 0 for s in (3, 4))
+    for step in (3, 4):
+        expected, got = computed_metrics(a[step]), computed_metrics(b[step])
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6, rel=1e-6), f"step {step}: {key}"
+    wa = ckpt.load_model_state_dict(str(workdir / "runs/stage_straight/rl/global_step_4/actor"))
+    wb = ckpt.load_model_state_dict(str(workdir / "runs/stage_extended/rl/global_step_4/actor"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    done = json.loads((workdir / "runs/stage_extended/rl/stage_done.json").read_text())
+    assert done["settings"]["max_steps"] == 4
+    again, _ = run("runs/stage_extended", 4)
+    assert "already finished" in again.stdout
+    assert [r["step"] for r in metrics(workdir / "runs/stage_extended/rl/metrics.jsonl")] == [1, 2, 3, 4]

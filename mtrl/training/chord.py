@@ -24,7 +24,6 @@ import torch
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
 from mtrl.training.distributed_trainer import DistributedTrainer, mean_over_ranks
-from mtrl.training.sft import ExportOnFinish
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.sft_dataset import build_sft_dataset, pad_sequences
 
@@ -70,16 +69,11 @@ def mix_expert_rows(batch: DataBatch, expert: DataBatch, mini_batches: int, pad_
     return DataBatch.concat([usual, expert]).index(order)
 
 
-class ChordTrainer(ExportOnFinish, DistributedTrainer):
+class ChordTrainer(DistributedTrainer):
     def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
-        super().__init__(config)
-        self.export_dir = export_dir
-        from mtrl.models.loader import load_config as load_model_config
-
-        mcfg = config.worker.actor.model
-        model_config = load_model_config(mcfg.model_path, trust_remote_code=mcfg.trust_remote_code)
+        super().__init__(config, export_dir)
         self.expert_set = build_sft_dataset(config.dataset.sft_files, config.dataset, self.tokenizer, self.processor,
-                                            model_config)
+                                            self.model_config)
 
     def chord_mu(self, step: Optional[int] = None) -> float:
         ch = self.config.optimization.chord

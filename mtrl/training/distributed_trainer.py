@@ -1,4 +1,4 @@
-"""The single-controller training loop.
+"""The RL trainer: the steps of the single-controller RL pipeline (the loop itself: trainer_base.py).
 
 This process (the driver) owns the data, the rewards, the advantage computation and the TPRL
 token/trajectory decisions; Ray actors own the devices and run FSDP2 actor/reference/rollout
@@ -12,62 +12,28 @@ Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max)
 so results do not depend on the number of workers.
 """
 
-import os
 import sys
 import time
-from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from mtrl.models import lora
-from mtrl.models.loader import load_config as load_model_config
-from mtrl.models.loader import load_processor
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
-from mtrl.training.builtin_assets import ensure_builtin_assets
-from mtrl.training.paths import absolutize_paths
-from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
+from mtrl.training.trainer_base import Trainer, uses_gpu
+from mtrl.training.training_config import MTRLConfig
 from mtrl.training.worker_run_config import build_worker_run_config
-from mtrl.utils import checkpoint
 from mtrl.utils.dataset import build_dataloader, build_dataset
-from mtrl.utils.errors import UserError
-from mtrl.utils.seqlen_balancing import partition_stats, update_layout
-from mtrl.utils.tracking import Tracker
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
 
 
-def open_run(config: MTRLConfig):
-    """Create the run directory with the resolved config; load the tokenizer, processor and model config."""
-    os.makedirs(config.training.run_dir, exist_ok=True)
-    with open(os.path.join(config.training.run_dir, "config.yaml"), "w") as f:
-        f.write(config_to_yaml(config))
-    model_cfg = config.worker.actor.model
-    tokenizer, processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
-    model_config = load_model_config(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
-    return tokenizer, processor, model_config
+class DistributedTrainer(Trainer):
+    """The RL trainer: the skeleton's loop (trainer_base.py) with generation, rewards and the PPO-style update."""
 
-
-def uses_gpu(training: TrainingConfig) -> bool:
-    return training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available())
-
-
-class DistributedTrainer:
-    def __init__(self, config: MTRLConfig):
-        self.config = config
-        self.run_dir = config.training.run_dir
-        self.tokenizer, self.processor, model_config = open_run(config)
-        self.val_loader = None
-        if config.dataset.val_files:
-            val_set = build_dataset(config.dataset.val_files, config.dataset, self.tokenizer, self.processor,
-                                    model_config)
-            self.val_loader = build_dataloader(val_set, config.dataset.val_batch_size, shuffle=False,
-                                               seed=config.dataset.seed)
-        self.train_loader = None
-        if not config.training.val_only:
-            self.train_loader = self._build_train_loader(model_config)
-        self.total_steps = self._total_steps()
+    def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
+        super().__init__(config, export_dir)
         self.rewards = self._build_rewards()
         opt = config.optimization
         self.use_critic = opt.advantage_estimator == "gae" and not config.training.val_only
@@ -76,20 +42,23 @@ class DistributedTrainer:
                                                          opt.divergence_target, opt.divergence_horizon)
         self.entropy_bonus = po.EntropyBonusController(opt.entropy_bonus_type, opt.entropy_bonus_coef,
                                                        opt.entropy_target, opt.entropy_bonus_step)
-        self.tracker = Tracker(config.training.logger, config.training.project_name,
-                               config.training.experiment_name, self.run_dir, to_plain_dict(config),
-                               total_steps=self.total_steps)
-        self.global_step = 0
-        self.timing: Dict[str, float] = {}
+        self.worker_group = None
 
-    def _build_train_loader(self, model_config):
-        """The prompts of `dataset.train_files` (several files mixed per `dataset.mix_strategy`); SFT / DPO
-        trainers (mtrl/training/sft.py, preference.py) override this."""
+    def build_val_loader(self):
+        d = self.config.dataset
+        if not d.val_files:
+            return None
+        val_set = build_dataset(d.val_files, d, self.tokenizer, self.processor, self.model_config)
+        return build_dataloader(val_set, d.val_batch_size, shuffle=False, seed=d.seed)
+
+    def build_train_loader(self):
+        """The prompts of `dataset.train_files` (several files mixed per `dataset.mix_strategy`); SFT
+        (mtrl/training/sft.py) overrides this."""
         from mtrl.utils.data_mixing import build_mixed_dataset
 
         d = self.config.dataset
         train_set = build_mixed_dataset(d.train_files, lambda files: build_dataset(files, d, self.tokenizer,
-                                                                                   self.processor, model_config),
+                                                                                   self.processor, self.model_config),
                                         d.mix_strategy, d.file_weights, d.seed)
         return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
 
@@ -103,11 +72,18 @@ class DistributedTrainer:
                                       self.config.config_dir)
         return RewardManager(self.config.worker.reward, self.config.config_dir)
 
-    def _total_steps(self) -> int:
-        if self.train_loader is None:
-            return 0
-        steps = len(self.train_loader) * self.config.training.total_epochs
-        return min(steps, self.config.training.max_steps) if self.config.training.max_steps else steps
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["divergence"] = self.divergence.state_dict() if self.divergence is not None else None
+        state["entropy_bonus"] = self.entropy_bonus.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.divergence is not None and state.get("divergence"):
+            self.divergence.load_state_dict(state["divergence"])
+        if state.get("entropy_bonus"):
+            self.entropy_bonus.load_state_dict(state["entropy_bonus"])
 
     # ------------------------------------------------------------------ workers
 
@@ -137,84 +113,18 @@ class DistributedTrainer:
         if self.critic_wg is not None:
             self.critic_wg.init_model(max(1, self.total_steps))
 
-    def shutdown(self) -> None:
-        self.tracker.finish()
+    def worker_groups(self) -> Dict[str, Any]:
+        groups = {"actor": self.actor_wg}
+        if self.critic_wg is not None:
+            groups["critic"] = self.critic_wg
+        return groups
+
+    def shutdown_workers(self) -> None:
         self.rewards.shutdown()
-        if getattr(self, "worker_group", None) is not None:
+        if self.worker_group is not None:
             self.worker_group.shutdown()
 
-    def _dp(self, method, batch: DataBatch, order: Optional[List[int]] = None) -> DataBatch:
-        """Call a data-parallel worker method with rows padded to a multiple of the world size.
-
-        Every rank must run the same number of forward passes under FSDP, so every rank gets the
-        same number of rows; the copies added for padding are dropped from the result. With `order`
-        (from `_rank_order`) the rows are dispatched in that order and the result comes back in the
-        batch's own order.
-        """
-        if order is not None:
-            out = method(batch.index(order))
-            return out if not isinstance(out, DataBatch) else out.index(np.argsort(order).tolist())
-        world = self.config.training.world_size
-        pad = -len(batch) % world
-        if pad == 0:
-            return method(batch)
-        padded = DataBatch.concat([batch, batch.index([i % len(batch) for i in range(pad)])])
-        out = method(padded)
-        # Generation returns n rows per prompt, in prompt order, so the padding is still at the end.
-        return out.index(slice(0, len(batch) * (len(out) // len(padded))))
-
-    def _rank_order(self, batch: DataBatch, rows_per_mini_batch: int, group_size: int = 1,
-                    metrics: Optional[Dict[str, float]] = None) -> Optional[List[int]]:
-        """The dispatch order that gives every rank its share of each update mini-batch (`update_layout`):
-        mini-batch k is rows k * rows_per_mini_batch ... of the batch whatever the worker count, so the
-        update does not depend on it. With dynamic batching each mini-batch is also token-balanced
-        across ranks (`perf/rank_tokens_*` in `metrics`). None when the rows cannot be split evenly."""
-        world = self.config.training.world_size
-        lengths = batch.tensors["attention_mask"].sum(-1).tolist()
-        balance = self.config.worker.actor.dynamic_batching
-        order = update_layout(lengths, rows_per_mini_batch, world, group_size, balance=balance)
-        if order is not None and balance and metrics is not None:
-            share = len(order) // world
-            stats = partition_stats(lengths, [order[r * share:(r + 1) * share] for r in range(world)])
-            metrics.update({f"perf/rank_tokens_{k}": float(v) for k, v in stats.items()})
-        return order
-
-    @contextmanager
-    def _timer(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timing[f"timing/{name}"] = time.perf_counter() - start
-
-    # ------------------------------------------------------------------ the loop
-
-    def fit(self) -> Dict[str, float]:
-        self.init_workers()
-        checkpoint.resume_from_checkpoint(self)  # training.load_checkpoint_path / find_last_checkpoint
-        t = self.config.training
-        last_val: Dict[str, float] = {}
-        if self.val_loader is not None and (t.val_before_train or t.val_only):
-            last_val = self.validate()
-            self.tracker.log(last_val, step=self.global_step)
-        if t.val_only:
-            return last_val
-        for epoch in range(self.train_loader.epoch, t.total_epochs):  # a resumed run continues its epoch
-            for prompts in self.train_loader:
-                if self.global_step >= self.total_steps:
-                    break
-                self.global_step += 1
-                metrics = self.train_step(prompts)
-                last_step = self.global_step == self.total_steps
-                if self.val_loader is not None and t.val_freq > 0 and (
-                        self.global_step % t.val_freq == 0 or last_step):
-                    last_val = self.validate()
-                    metrics.update(last_val)
-                metrics["training/epoch"] = epoch
-                if checkpoint.should_save(t.save_freq, self.global_step, last_step):
-                    with self._timer("save_checkpoint"):
-                        checkpoint.save_checkpoint(self)
-                    metrics["timing/save_checkpoint"] = self.timing["timing/save_checkpoint"]
-                self.tracker.log(metrics, step=self.global_step)
-        return last_val
+    # ------------------------------------------------------------------ one step
 
     def train_step(self, prompts: DataBatch) -> Dict[str, float]:
         opt, rollout = self.config.optimization, self.config.worker.rollout
@@ -432,36 +342,3 @@ def length_metrics(batch: DataBatch) -> Dict[str, float]:
             "response_length/min": float(lengths.min()),
             "response_length/clip_ratio": float((lengths >= max_len).float().mean()),
             "prompt_length/mean": float(prompt_lengths.mean())}
-
-
-# ------------------------------------------------------------------ entry
-
-
-def run_training(config: MTRLConfig, trainer_cls=None) -> int:
-    """Start Ray, train (or validate), shut Ray down (unless it was running already, e.g. between the
-    stages of mtrl/training/stages.py). `trainer_cls(config)`: default DistributedTrainer. Returns the exit code."""
-    import ray
-
-    from mtrl.single_controller.ray import init_ray
-
-    started_ray = not ray.is_initialized()
-    init_ray(num_cpus=max(4, config.training.world_size + config.worker.reward.num_cpus + 1))
-    trainer = None
-    try:
-        ensure_builtin_assets(config)
-        absolutize_paths(config)
-        trainer = (trainer_cls or DistributedTrainer)(config)
-        final = trainer.fit()
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()) if k.startswith("val/"))
-        print(f"[mtrl] done. run directory: {trainer.run_dir} (metrics.jsonl, config.yaml)"
-              + (f"; final validation: {summary}" if summary else ""))
-        return 0
-    except UserError as e:
-        print(f"mtrl: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if trainer is not None:
-            trainer.shutdown()
-        if started_ray:
-            ray.shutdown()
-

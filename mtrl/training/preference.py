@@ -19,51 +19,46 @@ the held-out pairs: `val/loss`, `val/accuracy` (pairs ranked correctly), `val/ma
 model is written as a Hugging Face folder (`export_dir`; `{run_dir}/huggingface` for a single run);
 a reward model folder is what `worker.reward.reward_model_path` takes.
 
-Checkpoints: not written during preference training (a stage that stops is run again from its start).
+Checkpoints and resume as for RL (mtrl/training/checkpointing.py): every `training.save_freq` steps and at
+the end, the policy or reward model with its optimizer under `actor/`; a stopped run or stage continues
+from its last checkpoint (`training.find_last_checkpoint`).
 """
 
 import sys
 import time
-from typing import Dict, Optional
-
+from typing import Any, Dict, Optional
 
 from mtrl.protocol import DataBatch
-from mtrl.training.distributed_trainer import mean_over_ranks, open_run, uses_gpu
-from mtrl.training.training_config import MTRLConfig, to_plain_dict
+from mtrl.training.distributed_trainer import mean_over_ranks
+from mtrl.training.trainer_base import Trainer, uses_gpu
+from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.data_mixing import build_mixed_dataset
 from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.sft_dataset import build_preference_dataset
-from mtrl.utils.tracking import Tracker
 
 
-class PreferenceTrainer:
+class PreferenceTrainer(Trainer):
     def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
-        self.config = config
         self.mode = config.training.mode
-        self.export_dir = export_dir
-        self.run_dir = config.training.run_dir
-        self.tokenizer, self.processor, model_config = open_run(config)
-        d = config.dataset
-        margin_key = config.optimization.reward_model.margin_key
-
-        def build(files: str):
-            return build_preference_dataset(files, d, self.tokenizer, self.processor, model_config, margin_key)
-
-        self.train_loader = None
-        if not config.training.val_only:
-            train_set = build_mixed_dataset(d.preference_files, build, d.mix_strategy, d.file_weights, d.seed)
-            print(f"[mtrl] {self.mode}: {len(train_set)} preference pairs from {d.preference_files}", file=sys.stderr)
-            self.train_loader = build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
-        self.val_loader = None
-        if d.preference_val_files:
-            self.val_loader = build_dataloader(build(d.preference_val_files), d.val_batch_size, shuffle=False,
-                                               seed=d.seed)
-        steps = len(self.train_loader) * config.training.total_epochs if self.train_loader is not None else 0
-        self.total_steps = min(steps, config.training.max_steps) if config.training.max_steps else steps
-        self.tracker = Tracker(config.training.logger, config.training.project_name, config.training.experiment_name,
-                               self.run_dir, to_plain_dict(config), total_steps=self.total_steps)
-        self.global_step = 0
+        super().__init__(config, export_dir)
         self.worker_group = None
+
+    def _pairs(self, files: str):
+        d = self.config.dataset
+        return build_preference_dataset(files, d, self.tokenizer, self.processor, self.model_config,
+                                        self.config.optimization.reward_model.margin_key)
+
+    def build_train_loader(self):
+        d = self.config.dataset
+        train_set = build_mixed_dataset(d.preference_files, self._pairs, d.mix_strategy, d.file_weights, d.seed)
+        print(f"[mtrl] {self.mode}: {len(train_set)} preference pairs from {d.preference_files}", file=sys.stderr)
+        return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+
+    def build_val_loader(self):
+        d = self.config.dataset
+        if not d.preference_val_files:
+            return None
+        return build_dataloader(self._pairs(d.preference_val_files), d.val_batch_size, shuffle=False, seed=d.seed)
 
     def init_workers(self) -> None:
         from mtrl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
@@ -76,8 +71,10 @@ class PreferenceTrainer:
             PreferenceWorker, build_worker_run_config(self.config), self.mode))
         self.worker_group.init_model(max(1, self.total_steps))
 
-    def shutdown(self) -> None:
-        self.tracker.finish()
+    def worker_groups(self) -> Dict[str, Any]:
+        return {"actor": self.worker_group}
+
+    def shutdown_workers(self) -> None:
         if self.worker_group is not None:
             self.worker_group.shutdown()
 
@@ -91,33 +88,13 @@ class PreferenceTrainer:
         rows = [r for i in range(pad) for r in (2 * (i % pairs), 2 * (i % pairs) + 1)]
         return DataBatch.concat([batch, batch.index(rows)])
 
-    def fit(self) -> Dict[str, float]:
-        self.init_workers()
-        t = self.config.training
-        last_val: Dict[str, float] = {}
-        if self.val_loader is not None and (t.val_before_train or t.val_only):
-            last_val = self.validate()
-            self.tracker.log(last_val, step=self.global_step)
-        if not t.val_only:
-            for epoch in range(t.total_epochs):
-                for batch in self.train_loader:
-                    if self.global_step >= self.total_steps:
-                        break
-                    self.global_step += 1
-                    start = time.perf_counter()
-                    metrics = mean_over_ranks(self.worker_group.update(batch))
-                    metrics["perf/step_seconds"] = time.perf_counter() - start
-                    metrics["training/epoch"] = epoch
-                    last = self.global_step == self.total_steps
-                    if self.val_loader is not None and t.val_freq > 0 and (self.global_step % t.val_freq == 0 or last):
-                        last_val = self.validate()
-                        metrics.update(last_val)
-                    self.tracker.log(metrics, step=self.global_step)
-            if self.export_dir:
-                start = time.perf_counter()
-                self.worker_group.export_hf(self.export_dir)
-                print(f"[mtrl] exported the model to {self.export_dir} ({time.perf_counter() - start:.1f} s)")
-        return last_val
+    def train_step(self, batch: DataBatch) -> Dict[str, float]:
+        start = time.perf_counter()
+        # Rows are chosen / rejected pairs: the layout keeps each pair on one rank.
+        order = self._rank_order(batch, 2 * self.config.worker.actor.global_batch_size, group_size=2)
+        metrics = mean_over_ranks(self._dp(self.worker_group.update, batch, order))
+        metrics["perf/step_seconds"] = time.perf_counter() - start
+        return metrics
 
     def validate(self) -> Dict[str, float]:
         start = time.perf_counter()

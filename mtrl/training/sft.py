@@ -2,9 +2,9 @@
 
 The SFT trainer is the RL trainer with another data source and update step: the same FSDP2 actor
 workers on the same Ray runtime (`ActorRolloutRefWorker.update_actor`, no reference model, no
-critic, no rollout during training), the same loop (`DistributedTrainer.fit`: step counting,
+critic, no rollout during training), the same loop (`Trainer.fit`, trainer_base.py: step counting,
 validation every `val_freq` steps by generating on `dataset.val_files` and scoring with the reward
-function when one is configured, checkpoints, metrics).
+function when one is configured, checkpoints, export at the end, metrics).
 
 One step takes `dataset.rollout_batch_size` rows of `dataset.sft_files` (mtrl/utils/sft_dataset.py);
 every `worker.actor.global_batch_size` rows are one optimizer step. The loss is the negative
@@ -41,42 +41,16 @@ class NoRewards:
         pass
 
 
-class ExportOnFinish:
-    """Mixin for trainers: after `fit`, write the trained policy as a Hugging Face folder at `export_dir`."""
-
-    export_dir: Optional[str] = None
-
-    def fit(self) -> Dict[str, float]:
-        result = super().fit()
-        if self.export_dir and not self.config.training.val_only:
-            start = time.perf_counter()
-            self.export(self.export_dir)
-            print(f"[mtrl] exported the model to {self.export_dir} ({time.perf_counter() - start:.1f} s)")
-        return result
-
-    def export(self, path: str) -> None:
-        self.actor_wg.export_hf(path)
-
-
-class RLStageTrainer(ExportOnFinish, DistributedTrainer):
-    """The plain RL trainer, exporting its policy at the end (an `rl` stage)."""
-
+class SFTTrainer(DistributedTrainer):
     def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
-        super().__init__(config)
-        self.export_dir = export_dir
-
-
-class SFTTrainer(ExportOnFinish, DistributedTrainer):
-    def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
-        super().__init__(config)
-        self.export_dir = export_dir
+        super().__init__(config, export_dir)
         self.use_reference = False
         self.use_critic = False
 
-    def _build_train_loader(self, model_config):
+    def build_train_loader(self):
         d = self.config.dataset
         dataset = build_mixed_dataset(d.sft_files, lambda files: build_sft_dataset(files, d, self.tokenizer,
-                                                                                   self.processor, model_config),
+                                                                                   self.processor, self.model_config),
                                       d.mix_strategy, d.file_weights, d.seed)
         print(f"[mtrl] SFT data: {len(dataset)} rows from {d.sft_files}", file=sys.stderr)
         return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)

@@ -22,9 +22,11 @@ bad value in any stage is an error before anything starts, naming the stage.
   it sets `worker.actor.model.model_path` itself. A `reward_model` stage starts from it too (its
   backbone), and its export becomes `worker.reward.reward_model_path` of the later stages that use
   `reward_type: model` without a path of their own.
-* Resume: a finished stage leaves `stage_done.json` in its directory and is skipped when the command
-  runs again (delete the file to run the stage again); an interrupted stage resumes from its own
-  checkpoints (training.find_last_checkpoint).
+* Resume: a finished stage leaves `stage_done.json` in its directory, recording the settings it finished
+  with (`Stage.settings`: max_steps, total_epochs, its data files). When the command runs again, a stage
+  with the same settings is skipped (delete the file to run it again); one whose settings changed (say
+  `training.max_steps` raised from 2 to 4) runs again and, through training.find_last_checkpoint,
+  continues from its last checkpoint (steps 3-4). An interrupted stage resumes from its own checkpoints.
 
 Without `stages:` a run is one stage of `training.mode` in run_dir itself; sft, dpo and reward_model
 runs export to `{run_dir}/huggingface` too.
@@ -65,8 +67,25 @@ class Stage:
         return os.path.join(self.run_dir, MARKER)
 
     @property
+    def settings(self) -> Dict[str, Any]:
+        """What "finished" refers to: the length of the stage's training and the data it trained on."""
+        t, d = self.config.training, self.config.dataset
+        files = {"sft": d.sft_files, "dpo": d.preference_files, "reward_model": d.preference_files}
+        return {"max_steps": t.max_steps, "total_epochs": t.total_epochs,
+                "data_files": files.get(self.mode, d.train_files)}
+
+    def finished_with(self) -> Optional[Dict[str, Any]]:
+        """The settings recorded when the stage last finished (None: not finished)."""
+        try:
+            with open(self.marker) as f:
+                return json.load(f).get("settings", {})
+        except FileNotFoundError:
+            return None
+
+    @property
     def done(self) -> bool:
-        return os.path.isfile(self.marker)
+        """Finished with the settings it has now."""
+        return self.finished_with() == self.settings
 
 
 def _nested_get(tree: Dict[str, Any], dotted: str) -> Any:
@@ -147,22 +166,23 @@ def trainer_class(config: MTRLConfig):
         from mtrl.training.chord import ChordTrainer
 
         return ChordTrainer
-    from mtrl.training.sft import RLStageTrainer
+    from mtrl.training.distributed_trainer import DistributedTrainer
 
-    return RLStageTrainer
+    return DistributedTrainer
 
 
 def _ray_cpus(configs: List[MTRLConfig]) -> int:
     return max(max(4, c.training.world_size + c.worker.reward.num_cpus + 1) for c in configs)
 
 
-def _write_marker(stage: Stage, seconds: float) -> None:
+def write_done_marker(stage: Stage, settings: Dict[str, Any], seconds: float) -> None:
     if not os.path.isfile(os.path.join(stage.export_dir, "config.json")):
         raise RuntimeError(f"stage {stage.name!r} finished but wrote no model to {stage.export_dir}")
     tmp = stage.marker + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"name": stage.name, "mode": stage.mode, "index": stage.index, "export_dir": stage.export_dir,
-                   "seconds": round(seconds, 1), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+                   "settings": settings, "seconds": round(seconds, 1),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
     os.replace(tmp, stage.marker)
 
 
@@ -202,7 +222,7 @@ def run_stages(config: MTRLConfig) -> int:
     import ray
 
     from mtrl.single_controller.ray import init_ray
-    from mtrl.training.distributed_trainer import run_training
+    from mtrl.training.trainer_base import run_training
 
     stages = resolve_stages(config)
     root = config.training.run_dir
@@ -218,15 +238,23 @@ def run_stages(config: MTRLConfig) -> int:
             if stage.done:
                 print(f"[mtrl] stage {stage.name!r} already finished ({stage.marker}); skipping it")
                 continue
+            before = stage.finished_with()
+            if before is not None:
+                changed = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in stage.settings.items()
+                                    if before.get(k) != v)
+                print(f"[mtrl] stage {stage.name!r} finished with other settings ({changed}); running it again "
+                      f"(from its last checkpoint with training.find_last_checkpoint=true)")
             print(f"[mtrl] stage {stage.index + 1}/{len(stages)}: {stage.name!r} ({stage.mode}) -> {stage.run_dir}")
+            settings = stage.settings  # as configured: the run makes the config's paths absolute
             start = time.perf_counter()
             rc = run_training(stage.config, trainer_cls=partial(trainer_class(stage.config),
                                                                 export_dir=stage.export_dir))
             if rc != 0:
-                print(f"mtrl: stage {stage.name!r} failed (exit {rc}); finished stages are kept and skipped "
+                what = "stopped" if rc > 128 else "failed"
+                print(f"mtrl: stage {stage.name!r} {what} (exit {rc}); finished stages are kept and skipped "
                       f"when the command runs again", file=sys.stderr)
                 return rc
-            _write_marker(stage, time.perf_counter() - start)
+            write_done_marker(stage, settings, time.perf_counter() - start)
         print(f"[mtrl] all stages done. run directory: {root}; final model: {stages[-1].export_dir}")
         print_summary(stages, root)
         return 0
@@ -237,11 +265,9 @@ def run_stages(config: MTRLConfig) -> int:
 
 def run(config: MTRLConfig) -> int:
     """The entry point's dispatcher: stages, a single sft / dpo / reward_model / CHORD run, or plain RL."""
-    from mtrl.training.distributed_trainer import run_training
+    from mtrl.training.trainer_base import run_training
 
     if config.stages:
         return run_stages(config)
-    if config.training.mode == "rl" and not config.optimization.chord.enable:
-        return run_training(config)
     export_dir = None if config.training.mode == "rl" else os.path.join(config.training.run_dir, EXPORT_DIR)
     return run_training(config, trainer_cls=partial(trainer_class(config), export_dir=export_dir))

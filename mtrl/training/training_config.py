@@ -111,6 +111,8 @@ class TrainingConfig:
     val_only: bool = False
     load_checkpoint_path: Optional[str] = None
     find_last_checkpoint: bool = True
+    # On SIGTERM / SIGINT: finish the current step, write a checkpoint, exit 128 + signal (training/signals.py).
+    save_on_signal: bool = True
     val_generations_to_log: int = 0
 
     @property

@@ -1,10 +1,11 @@
-"""Checkpoints: save, find and resume a training run (SPEC section 9).
+"""Checkpoints on disk: the layout, finding them, and the workers' sharded save / load (SPEC section 9).
 
 Layout of one checkpoint (``{save_checkpoint_path}/global_step_N/``)::
 
     global_step_N/
       mtrl_checkpoint.json          what is inside: step, world size, roles, model path, LoRA settings
-      trainer_state.json            controller: global step, dataloader position, divergence coefficient
+      trainer_state.json            controller: the trainer's state_dict() (global step, dataloader position,
+                                    divergence / entropy-bonus coefficients)
       trainer_rng.pt                controller RNG states (python, numpy, torch)
       actor/
         model/                      torch.distributed.checkpoint (DCP): sharded weights, any world size
@@ -25,7 +26,8 @@ Worker side: :func:`save_fsdp_state` / :func:`load_fsdp_state` (called by the wo
 ``save_checkpoint`` / ``load_checkpoint`` on every rank: DCP calls are collective). The sharded state
 is read and written with ``torch.distributed.checkpoint.state_dict.get_state_dict`` /
 ``set_state_dict`` + ``dcp.save`` / ``dcp.load``, so a checkpoint written by 2 ranks loads on 1 or 4.
-Controller side: :func:`save_checkpoint`, :func:`resume_from_checkpoint`, :func:`should_save`.
+Controller side (what a checkpoint holds besides the workers' state, when to save, what to resume):
+``mtrl/training/checkpointing.py``.
 :func:`load_model_state_dict` reads the full (unsharded) weights of a checkpoint in a plain process,
 without torch.distributed (used by ``python -m mtrl.models.export``).
 """
@@ -35,8 +37,6 @@ import os
 import random
 import re
 import shutil
-import sys
-import time
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -75,8 +75,12 @@ def checkpoint_step(path: str) -> Optional[int]:
 
 def is_complete_checkpoint(path: str) -> bool:
     """A finished checkpoint folder: its metadata file (written last) and the actor's DCP metadata exist."""
-    return (os.path.isfile(os.path.join(path, META_FILE))
-            and os.path.isfile(os.path.join(path, "actor", MODEL_DIR, ".metadata")))
+    return os.path.isfile(os.path.join(path, META_FILE)) and is_dir_with_model(os.path.join(path, "actor"))
+
+
+def is_dir_with_model(role_dir: str) -> bool:
+    """A role folder (``.../global_step_N/actor``) holding a DCP model."""
+    return os.path.isfile(os.path.join(role_dir, MODEL_DIR, ".metadata"))
 
 
 def list_checkpoints(run_dir: str) -> List[str]:
@@ -105,7 +109,7 @@ def read_tracker(run_dir: str) -> Optional[int]:
         return None
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -115,7 +119,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def write_tracker(run_dir: str, step: int) -> None:
-    _atomic_write(os.path.join(run_dir, TRACKER_FILE), f"{int(step)}\n")
+    atomic_write(os.path.join(run_dir, TRACKER_FILE), f"{int(step)}\n")
 
 
 def find_latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -129,25 +133,6 @@ def find_latest_checkpoint(run_dir: str) -> Optional[str]:
                        "checkpoint instead", TRACKER_FILE, step, path)
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def resolve_resume_path(training_config, run_dir: str) -> Optional[str]:
-    """The checkpoint to resume from: ``load_checkpoint_path`` if given, else (with ``find_last_checkpoint``)
-    the run folder's latest one, else None."""
-    explicit = training_config.load_checkpoint_path
-    if explicit:
-        path = os.path.expanduser(str(explicit))
-        if not os.path.isdir(path):
-            raise UserError(f"`training.load_checkpoint_path` = {explicit!r}: no such folder.")
-        if not is_complete_checkpoint(path):
-            inside = list_checkpoints(path)
-            hint = f" It holds checkpoints; pass one of them, e.g. {inside[-1]!r}." if inside else ""
-            raise UserError(f"`training.load_checkpoint_path` = {explicit!r} is not a complete MTRL checkpoint "
-                            f"(a `global_step_N` folder with {META_FILE}).{hint}")
-        return path
-    if training_config.find_last_checkpoint:
-        return find_latest_checkpoint(run_dir)
-    return None
 
 
 def read_meta(path: str) -> Dict[str, Any]:
@@ -315,130 +300,3 @@ def load_model_state_dict(role_dir: str) -> Dict[str, torch.Tensor]:
     state = loaded.get("model", loaded)
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
 
-
-# ============================================================================= controller side
-
-
-def should_save(save_freq: int, step: int, last_step: bool) -> bool:
-    """Every ``save_freq`` steps (-1: never in between) and always after the last step."""
-    return last_step or (save_freq > 0 and step % save_freq == 0)
-
-
-def _trainer_meta(trainer, step: int) -> Dict[str, Any]:
-    config = trainer.config
-    mcfg = config.worker.actor.model
-    actor = {"model_path": os.path.abspath(mcfg.model_path) if mcfg.model_path and os.path.exists(mcfg.model_path)
-             else mcfg.model_path,
-             "tokenizer_path": mcfg.tokenizer_path, "peft_type": mcfg.peft_type,
-             "frozen_params_saved": mcfg.peft_type != "qlora"}
-    if mcfg.peft_type:
-        actor["lora"] = {"rank": mcfg.lora_rank, "alpha": mcfg.lora_alpha, "dropout": mcfg.lora_dropout,
-                         "target_modules": list(mcfg.lora_target_modules)}
-    roles = ["actor"] + (["critic"] if getattr(trainer, "critic_wg", None) is not None else [])
-    return {"format": CHECKPOINT_FORMAT, "global_step": step, "world_size": config.training.world_size,
-            "roles": roles, "actor": actor, "experiment_name": config.training.experiment_name,
-            "project_name": config.training.project_name, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def save_checkpoint(trainer) -> str:
-    """Save the whole run state at ``trainer.global_step``; returns the checkpoint folder.
-
-    Writes into ``global_step_N.partial``, renames it, then updates the tracker and applies ``save_limit``.
-    """
-    run_dir = trainer.run_dir
-    step = int(trainer.global_step)
-    final = os.path.join(run_dir, step_dir_name(step))
-    partial = final + PARTIAL_SUFFIX
-    remove_partial_checkpoints(run_dir)
-    os.makedirs(partial)
-    trainer.actor_wg.save_checkpoint(os.path.join(partial, "actor"))
-    if getattr(trainer, "critic_wg", None) is not None:
-        trainer.critic_wg.save_checkpoint(os.path.join(partial, "critic"))
-    state = {"global_step": step,
-             "dataloader": trainer.train_loader.state_dict() if trainer.train_loader is not None else None,
-             "divergence": trainer.divergence.state_dict() if trainer.divergence is not None else None,
-             "entropy_bonus": trainer.entropy_bonus.state_dict()}
-    extra_state = getattr(trainer, "checkpoint_state", None)
-    if callable(extra_state):  # other trainer parts (stages, extra loaders) may add their own state
-        state["extra"] = extra_state()
-    with open(os.path.join(partial, TRAINER_STATE_FILE), "w") as f:
-        json.dump(state, f, indent=1)
-    torch.save(rng_state(), os.path.join(partial, TRAINER_RNG_FILE))
-    # The metadata file marks the folder complete: it is written last, then the folder is renamed.
-    _atomic_write(os.path.join(partial, META_FILE), json.dumps(_trainer_meta(trainer, step), indent=1))
-    if os.path.exists(final):  # the same step saved again (e.g. a rerun into the same folder)
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    write_tracker(run_dir, step)
-    removed = prune_checkpoints(run_dir, trainer.config.training.save_limit, protect=[final])
-    if removed:
-        print(f"[mtrl] save_limit={trainer.config.training.save_limit}: removed "
-              f"{', '.join(os.path.basename(p) for p in removed)}", file=sys.stderr)
-    return final
-
-
-def _check_compatible(path: str, meta: Dict[str, Any], config) -> None:
-    saved_peft = (meta.get("actor") or {}).get("peft_type")
-    wanted = config.worker.actor.model.peft_type
-    if (saved_peft or None) != (wanted or None):
-        raise UserError(f"checkpoint {path} was trained with worker.actor.model.peft_type={saved_peft} but this run "
-                        f"has peft_type={wanted}; set the same value to resume (or export it and start a new run "
-                        f"from the exported model).")
-
-
-def resume_from_checkpoint(trainer) -> Optional[str]:
-    """Load the checkpoint chosen by :func:`resolve_resume_path` into the workers and the trainer.
-
-    Returns its path (None when starting fresh). In val_only runs only the actor weights are loaded.
-    """
-    t = trainer.config.training
-    path = resolve_resume_path(t, trainer.run_dir)
-    if path is None:
-        return None
-    meta = read_meta(path)
-    _check_compatible(path, meta, trainer.config)
-    start = time.perf_counter()
-    trainer.actor_wg.load_checkpoint(os.path.join(path, "actor"))
-    critic_wg = getattr(trainer, "critic_wg", None)
-    if critic_wg is not None:
-        critic_dir = os.path.join(path, "critic")
-        if not is_dir_with_model(critic_dir):
-            raise UserError(f"checkpoint {path} has no critic state but this run trains a critic "
-                            f"(advantage_estimator=gae); resume with the estimator it was trained with.")
-        critic_wg.load_checkpoint(critic_dir)
-    with open(os.path.join(path, TRAINER_STATE_FILE)) as f:
-        state = json.load(f)
-    trainer.global_step = int(state["global_step"])
-    if not t.val_only:
-        if trainer.train_loader is not None and state.get("dataloader"):
-            trainer.train_loader.load_state_dict(state["dataloader"])
-        if trainer.divergence is not None and state.get("divergence"):
-            trainer.divergence.load_state_dict(state["divergence"])
-        if state.get("entropy_bonus"):
-            trainer.entropy_bonus.load_state_dict(state["entropy_bonus"])
-        rng_path = os.path.join(path, TRAINER_RNG_FILE)
-        if os.path.isfile(rng_path):
-            set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
-        load_extra = getattr(trainer, "load_checkpoint_state", None)
-        if callable(load_extra) and state.get("extra") is not None:
-            load_extra(state["extra"])
-    saved_world = meta.get("world_size")
-    note = f" (saved with {saved_world} workers, now {t.world_size})" if saved_world not in (None, t.world_size) else ""
-    total = getattr(trainer, "total_steps", None)
-    if not t.val_only and total is not None and trainer.global_step >= total:
-        note += (f"; the run already reached its last step ({total}), so there is nothing left to train (raise "
-                 f"training.max_steps / total_epochs, or set training.find_last_checkpoint=false or another "
-                 f"training.save_checkpoint_path to start afresh)")
-    what = "loaded the weights of" if t.val_only else "resumed from"
-    print(f"[mtrl] {what} {path} at step {trainer.global_step}{note} in {time.perf_counter() - start:.1f}s",
-          file=sys.stderr)
-    return path
-
-
-def is_dir_with_model(role_dir: str) -> bool:
-    return os.path.isfile(os.path.join(role_dir, MODEL_DIR, ".metadata"))

@@ -11,6 +11,7 @@ from mtrl.agents.preference_agent import PreferenceAgent
 from mtrl.config.worker import WorkerRunConfig
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, register
+from mtrl.utils import checkpoint
 from mtrl.workers import fsdp_utils
 from mtrl.workers.fsdp_worker import FSDPWorker
 
@@ -52,3 +53,17 @@ class PreferenceWorker(FSDPWorker):
         extra = {"mtrl_reward_model.json": {"head": "score", "score_position": "last_response_token"}} \
             if self.mode == "reward_model" else None
         save_hf_folder(self.model, path, self.config.worker.actor.model.model_path, self.rank, extra_json=extra)
+
+    # ------------------------------------------------------------------ checkpoints (mtrl.utils.checkpoint)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded weights + optimizer (DCP), LR scheduler and RNG per rank, and (rank 0) the model config and
+        tokenizer; the frozen DPO reference is the starting model and is not saved."""
+        checkpoint.save_fsdp_state(path, self.model, self.optimizer, self.lr_scheduler,
+                                   hf_artifacts=[self.model.config, self.tokenizer])
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint saved by `save_checkpoint` at any world size."""
+        checkpoint.load_fsdp_state(path, self.model, self.optimizer, self.lr_scheduler)
