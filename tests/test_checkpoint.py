@@ -300,9 +300,11 @@ def test_sharded_state_loads_at_another_world_size(tmp_path):
         for name, value in state.items():
             assert torch.equal(loaded["optim"]["state"][fqn][name], value), (fqn, name)
     assert loaded["lr"] == pytest.approx([1e-2])  # end of the 2-step warmup
-    # The next step on one worker continues the two-worker run (up to float summation order).
+    # The next step on one worker continues the two-worker run (up to float summation order). Adam turns
+    # the summation-order noise of a near-zero gradient (the key biases': the softmax almost ignores them)
+    # into a visible fraction of a step, so the bound is 0.1% of lr rather than float epsilon.
     for key, value in saved["next"].items():
-        torch.testing.assert_close(loaded["next"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(loaded["next"][key], value, atol=1e-5, rtol=1e-5, msg=key)
 
 
 # ============================================================================= end to end through the CLI (slow)
