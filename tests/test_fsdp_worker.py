@@ -95,6 +95,20 @@ def test_frozen_models_heads_and_adapters(worker, tiny_path):
         build_fsdp_model(tiny_path, fsdp=role.fsdp, device_type="cpu", trainable=False, head="critic")
 
 
+def test_weight_sync_hands_the_engine_full_weights_under_the_base_names(worker, tiny_path):
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    plain = load_model(tiny_path).state_dict()
+    sharded = worker.build_model(tiny_path, fp32_actor(), trainable=True)
+    weights = dict(RolloutWeightSync(sharded, ModelConfig()).weights())
+    assert weights.keys() == plain.keys()
+    assert all(not isinstance(v, DTensor) and torch.equal(v, plain[k]) for k, v in weights.items())
+    adapter = ModelConfig(peft_type="lora", lora_rank=4, lora_alpha=8, lora_target_modules=["q_proj"])
+    with_lora = worker.build_model(tiny_path, fp32_actor(), trainable=True, adapter=adapter)
+    merged = dict(RolloutWeightSync(with_lora, adapter).weights())  # B = 0 at start: the base weights
+    assert merged.keys() == plain.keys() and all(torch.equal(v, plain[k]) for k, v in merged.items())
+
+
 def test_the_driver_fills_in_what_workers_read_from_other_sections():
     config = MTRLConfig()
     config.dataset.max_response_length, config.training.seed, config.optimization.gamma = 48, 5, 0.5
