@@ -18,7 +18,6 @@ Crash safety: the checkpoint is written into `global_step_N.partial/` and rename
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,6 +26,9 @@ import torch
 from mtrl.training.training_config import MTRLConfig, TrainingConfig
 from mtrl.utils import checkpoint as ckpt
 from mtrl.utils.errors import UserError
+from mtrl.utils.logger import get_logger
+
+logger = get_logger(__name__)
 
 
 def should_save(save_freq: int, step: int, last_step: bool) -> bool:
@@ -103,8 +105,7 @@ class CheckpointManager:
         limit = self.config.training.save_limit
         removed = ckpt.prune_checkpoints(run_dir, limit, protect=[final])
         if removed:
-            print(f"[mtrl] save_limit={limit}: removed {', '.join(os.path.basename(p) for p in removed)}",
-                  file=sys.stderr)
+            logger.info(f"save_limit={limit}: removed {', '.join(os.path.basename(p) for p in removed)}")
         return final
 
     def load(self, groups: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
@@ -133,8 +134,7 @@ class CheckpointManager:
         note = f" (saved with {saved_world} workers, now {t.world_size})" \
             if saved_world not in (None, t.world_size) else ""
         what = "loaded the weights of" if t.val_only else "resumed from"
-        print(f"[mtrl] {what} {path} at step {state['global_step']}{note} in {time.perf_counter() - start:.1f}s",
-              file=sys.stderr)
+        logger.info(f"{what} {path} at step {state['global_step']}{note} in {time.perf_counter() - start:.1f}s")
         return path, state
 
     def _check_compatible(self, path: str, meta: Dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max)
 so results do not depend on the number of workers.
 """
 
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -26,7 +25,10 @@ from mtrl.training.trainer_base import Trainer, uses_gpu
 from mtrl.training.training_config import MTRLConfig
 from mtrl.training.worker_run_config import build_worker_run_config
 from mtrl.utils.dataset import build_dataloader, build_dataset
+from mtrl.utils.logger import get_logger
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
+
+logger = get_logger(__name__)
 
 
 class DistributedTrainer(Trainer):
@@ -192,8 +194,8 @@ class DistributedTrainer(Trainer):
         metrics["filter/tries"] = tries
         metrics["filter/kept_fraction"] = len(batch_kept) / (wanted * tries)
         if usable == 0:
-            print(f"[mtrl] online filtering kept {len(batch_kept)} samples after {tries} tries; "
-                  f"training on the unfiltered batch this step", file=sys.stderr)
+            logger.warning(f"online filtering kept {len(batch_kept)} samples after {tries} tries; "
+                           f"training on the unfiltered batch this step")
             return batch
         return batch_kept.index(slice(0, usable))
 

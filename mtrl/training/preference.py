@@ -24,7 +24,6 @@ the end, the policy or reward model with its optimizer under `actor/`; a stopped
 from its last checkpoint (`training.find_last_checkpoint`).
 """
 
-import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -34,7 +33,10 @@ from mtrl.training.trainer_base import Trainer, uses_gpu
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.data_mixing import build_mixed_dataset
 from mtrl.utils.dataset import build_dataloader
+from mtrl.utils.logger import get_logger
 from mtrl.utils.sft_dataset import build_preference_dataset
+
+logger = get_logger(__name__)
 
 
 class PreferenceTrainer(Trainer):
@@ -51,7 +53,7 @@ class PreferenceTrainer(Trainer):
     def build_train_loader(self):
         d = self.config.dataset
         train_set = build_mixed_dataset(d.preference_files, self._pairs, d.mix_strategy, d.file_weights, d.seed)
-        print(f"[mtrl] {self.mode}: {len(train_set)} preference pairs from {d.preference_files}", file=sys.stderr)
+        logger.info(f"{self.mode}: {len(train_set)} preference pairs from {d.preference_files}")
         return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
 
     def build_val_loader(self):

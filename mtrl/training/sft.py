@@ -18,7 +18,6 @@ Metrics: `expert/sft_loss` (mean NLL per response token), `actor/grad_norm`, `ac
 lengths, and `val/*` from validation.
 """
 
-import sys
 import time
 from typing import Dict, Optional
 
@@ -27,8 +26,11 @@ from mtrl.training.distributed_trainer import DistributedTrainer, length_metrics
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.data_mixing import build_mixed_dataset
 from mtrl.utils.dataset import build_dataloader
+from mtrl.utils.logger import get_logger
 from mtrl.utils.sft_dataset import build_sft_dataset
 from mtrl.workers.reward import RewardManager
+
+logger = get_logger(__name__)
 
 
 class NoRewards:
@@ -52,7 +54,7 @@ class SFTTrainer(DistributedTrainer):
         dataset = build_mixed_dataset(d.sft_files, lambda files: build_sft_dataset(files, d, self.tokenizer,
                                                                                    self.processor, self.model_config),
                                       d.mix_strategy, d.file_weights, d.seed)
-        print(f"[mtrl] SFT data: {len(dataset)} rows from {d.sft_files}", file=sys.stderr)
+        logger.info(f"SFT data: {len(dataset)} rows from {d.sft_files}")
         return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
 
     def _build_rewards(self):

@@ -39,8 +39,11 @@ from mtrl.training.signals import StopFlag, StopRequested, stop_on_signals
 from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
 from mtrl.utils.checkpoint import rng_state, set_rng_state
 from mtrl.utils.errors import UserError
+from mtrl.utils.logger import get_logger
 from mtrl.utils.seqlen_balancing import partition_stats, update_layout
 from mtrl.utils.tracking import Tracker
+
+logger = get_logger(__name__)
 
 
 def open_run(config: MTRLConfig):
@@ -179,10 +182,10 @@ class Trainer:
         else:
             self.load_state_dict(state)
             if self.global_step >= self.total_steps:
-                print(f"[mtrl] the run already reached its last step ({self.total_steps}), so there is nothing "
-                      f"left to train (raise training.max_steps / total_epochs, or set "
-                      f"training.find_last_checkpoint=false or another training.save_checkpoint_path to start "
-                      f"afresh)", file=sys.stderr)
+                logger.warning(f"the run already reached its last step ({self.total_steps}), so there is nothing "
+                               f"left to train (raise training.max_steps / total_epochs, or set "
+                               f"training.find_last_checkpoint=false or another training.save_checkpoint_path to "
+                               f"start afresh)")
         return path
 
     def _stop_if_asked(self, saved: Optional[str]) -> None:

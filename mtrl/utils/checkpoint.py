@@ -42,7 +42,6 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
-from mtrl.utils.errors import UserError
 from mtrl.utils.logger import get_logger
 
 logger = get_logger(__name__)
