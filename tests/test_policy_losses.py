@@ -141,7 +141,8 @@ def test_clip_cov_detaches_a_high_covariance_token_that_is_not_clipped():
 def test_kl_cov_adds_the_kl_term_to_the_top_covariance_tokens():
     # ratio 1 of 2 tokens selected -> both: L_t = -A_t r_t + 0.5 |ln r_t| (no clipping)
     inputs = two_tokens((1.5, 0.9), (1.0, -1.0))
-    loss, metrics, grad = loss_and_grad("kl_cov", inputs, settings=OptimizationConfig(kl_cov_ratio=1.0, kl_cov_coef=0.5))
+    settings = OptimizationConfig(kl_cov_ratio=1.0, kl_cov_coef=0.5)
+    loss, metrics, grad = loss_and_grad("kl_cov", inputs, settings=settings)
     close(loss, (-1.5 + 0.5 * math.log(1.5) + 0.9 - 0.5 * math.log(0.9)) / 2)
     close(metrics["pg_clipfrac"], 1.0)  # the penalised fraction
     close(grad, [[(-1.5 + 0.5) / 2, (0.9 - 0.5) / 2]])

@@ -49,7 +49,8 @@ def test_unknown_or_duplicate_policy_loss_is_an_error():
 def test_unknown_policy_loss_in_the_config_exits_2_with_the_allowed_names(capsys):
     assert main([*BASE, "optimization.policy_loss=dppo_tv"]) == 2
     err = capsys.readouterr().err
-    assert f"`optimization.policy_loss` = 'dppo_tv' is not allowed. Allowed values: {', '.join(POLICY_LOSS_NAMES)}." in err
+    allowed = ", ".join(POLICY_LOSS_NAMES)
+    assert f"`optimization.policy_loss` = 'dppo_tv' is not allowed. Allowed values: {allowed}." in err
     assert "Traceback" not in err
 
 

@@ -8,7 +8,7 @@ without verl's global batch info (MTRL's normalisers; verl's `dp_size` factor is
 | `gspo` | `gspo` | all four, one advantage per sequence (where the two forms coincide) |
 | `cispo`, `clip_cov`, `kl_cov` | same name | all four |
 | `sapo` | `sapo` | `seq-mean-token-mean` (verl ignores `loss_agg_mode` for SAPO) |
-| `gmpo` | `geo_mean` | `seq-mean-token-mean` (verl takes the plain mean over the micro-batch's rows, so no empty row and no global counts) |
+| `gmpo` | `geo_mean` | `seq-mean-token-mean` (verl: the plain mean over the rows, so no empty row, no global counts) |
 
 verl's `kl_cov` logs the mean `|log r|` as `ppo_kl`, MTRL the k1 estimate as for every loss: that metric
 is compared against `|log r|` computed here. Clip-Cov draws its tokens with `torch.randperm` on the

@@ -179,7 +179,8 @@ def compute_policy_loss(
     loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode,
                                  global_token_count=global_token_count, global_seq_count=global_seq_count,
                                  loss_scale_factor=loss_scale_factor)
-    return loss, policy_loss_metrics(log_ratio, response_mask, clipped > unclipped, negative & (ppo_losses > dual_bound))
+    return loss, policy_loss_metrics(log_ratio, response_mask, clipped > unclipped,
+                                     negative & (ppo_losses > dual_bound))
 
 
 def compute_value_loss(

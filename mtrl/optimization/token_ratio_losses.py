@@ -29,7 +29,8 @@ def compute_cispo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adv
                        token_mask: Optional[torch.Tensor] = None, *,
                        settings: OptimizationConfig = DEFAULT_SETTINGS,
                        **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
-    """CISPO (MiniMax-M1, arXiv 2506.13585): ``L_t = -sg(clip(r_t, 1 - clip_ratio_low, 1 + clip_ratio_high)) A_t log pi_t``.
+    """CISPO (MiniMax-M1, arXiv 2506.13585):
+    ``L_t = -sg(clip(r_t, 1 - clip_ratio_low, 1 + clip_ratio_high)) A_t log pi_t``.
 
     The clipped ratio is only a weight: unlike PPO no token loses its gradient, a token outside the
     bounds is just weighted by the bound (the paper's setting is a huge ``clip_ratio_low``, i.e. an upper
