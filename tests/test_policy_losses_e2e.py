@@ -39,3 +39,7 @@ def test_each_policy_loss_trains_two_steps_with_overlong_shaping(workdir, name):
         assert 0 < r["actor/grad_norm"] < math.inf
         # the mean penalty is -0.5 / 8 times the step's mean response length
         assert r["reward/overlong_penalty_mean"] == pytest.approx(-0.5 / 8 * r["response_length/mean"], abs=1e-6)
+    # validation is not shaped: the reward function's scores lie in [0, 1], while this near-zero-accuracy
+    # model's shaped scores would be about -0.5 l / 8 < 0
+    val_scores = [r["val/reward_score"] for r in rows if "val/reward_score" in r]
+    assert val_scores and all(v >= 0 for v in val_scores)
