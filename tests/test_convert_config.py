@@ -134,3 +134,88 @@ def test_cli_overrides_after_double_dash(capsys):
     captured = capsys.readouterr()
     assert rc == 1
     assert "advantage_estimator: rloo" in captured.out and "unmapped: actor_rollout_ref.foo" in captured.err
+
+
+DAPO_GSPO = r"""
+python3 -m verl.trainer.main_ppo \
+    algorithm.adv_estimator=grpo \
+    data.train_files=/d/dapo.parquet \
+    data.max_response_length=2048 \
+    actor_rollout_ref.rollout.n=8 \
+    actor_rollout_ref.actor.policy_loss.loss_mode=gspo \
+    actor_rollout_ref.actor.clip_ratio_low=0.0003 \
+    actor_rollout_ref.actor.clip_ratio_high=0.0004 \
+    actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean \
+    reward_model.reward_manager=dapo \
+    reward_model.overlong_buffer.enable=True \
+    reward_model.overlong_buffer.len=512 \
+    reward_model.overlong_buffer.penalty_factor=0.5 \
+    reward_model.overlong_buffer.log=False
+"""
+
+
+def test_verl_policy_loss_modes_and_the_overlong_buffer_convert(tmp_path):
+    c = cc.convert(cc.parse_command_line(DAPO_GSPO))
+    out = c.tree()
+    # verl's "gspo" computes the GSPO-token form
+    assert out["optimization"]["policy_loss"] == "gspo_token"
+    assert out["optimization"]["overlong_buffer_length"] == 512
+    assert out["optimization"]["overlong_penalty_factor"] == pytest.approx(0.5)
+    assert out["worker"]["actor"]["clip_ratio_low"] == pytest.approx(0.0003)
+    assert not c.unmapped
+    path = tmp_path / "gspo.yaml"
+    path.write_text(cc.render(c, "gspo.sh", "verl"))
+    config = load_config([f"config={path}"])
+    assert config.optimization.policy_loss == "gspo_token" and config.optimization.overlong_buffer_length == 512
+
+
+@pytest.mark.parametrize("mode, ours", [("vanilla", "ppo"), ("gspo", "gspo_token"), ("cispo", "cispo"),
+                                        ("sapo", "sapo"), ("geo_mean", "gmpo"), ("clip_cov", "clip_cov"),
+                                        ("kl_cov", "kl_cov")])
+def test_every_verl_loss_mode_with_a_counterpart_maps(mode, ours):
+    c = cc.convert({"actor_rollout_ref.actor.policy_loss.loss_mode": mode})
+    assert c.tree()["optimization"]["policy_loss"] == ours and not c.unmapped
+
+
+def test_verl_loss_settings_map_and_modes_without_a_counterpart_are_reported():
+    a = "actor_rollout_ref.actor"
+    c = cc.convert({f"{a}.policy_loss.loss_mode": "clip_cov", f"{a}.policy_loss.clip_cov_ratio": 0.001,
+                    f"{a}.policy_loss.clip_cov_lb": 0.5, f"{a}.policy_loss.clip_cov_ub": 4.0,
+                    f"{a}.policy_loss.kl_cov_ratio": 0.002, f"{a}.policy_loss.ppo_kl_coef": 1.0,
+                    f"{a}.tau_pos": 1.5, f"{a}.tau_neg": 2.0})
+    assert c.tree()["optimization"] == {"policy_loss": "clip_cov", "clip_cov_ratio": 0.001, "clip_cov_lb": 0.5,
+                                        "clip_cov_ub": 4.0, "kl_cov_ratio": 0.002, "kl_cov_coef": 1.0,
+                                        "sapo_tau_positive": 1.5, "sapo_tau_negative": 2.0}
+    c = cc.convert({f"{a}.policy_loss.loss_mode": "dppo_tv", f"{a}.policy_loss.dro_beta": 0.1})
+    assert {k for k, _, _ in c.unmapped} == {f"{a}.policy_loss.loss_mode", f"{a}.policy_loss.dro_beta"}
+    assert "optimization" not in c.tree()
+
+
+def test_verl_sapo_and_geo_mean_take_their_forced_aggregation():
+    a = "actor_rollout_ref.actor"
+    c = cc.convert({f"{a}.policy_loss.loss_mode": "geo_mean", f"{a}.loss_agg_mode": "token-mean"})
+    assert c.tree()["worker"]["actor"]["loss_agg_mode"] == "seq-mean-token-mean"
+    assert any("ignores loss_agg_mode" in n for n in c.notes)
+    c = cc.convert({f"{a}.policy_loss.loss_mode": "sapo"})
+    assert c.tree()["worker"]["actor"]["loss_agg_mode"] == "seq-mean-token-mean"
+
+
+def test_verl_overlong_buffer_in_reward_kwargs_and_disabled_buffers():
+    c = cc.convert(cc.parse_command_line("+reward_model.reward_kwargs.overlong_buffer_cfg.enable=True "
+                                         "+reward_model.reward_kwargs.overlong_buffer_cfg.len=128 "
+                                         "+reward_model.reward_kwargs.overlong_buffer_cfg.penalty_factor=1.0"))
+    assert c.tree()["optimization"] == {"overlong_buffer_length": 128, "overlong_penalty_factor": 1.0}
+    c = cc.convert({"reward_model.overlong_buffer.enable": False, "reward_model.overlong_buffer.len": 128})
+    assert "optimization" not in c.tree() and not c.unmapped  # off in verl, off (the default) here
+
+
+def test_easyr1_loss_type_and_sapo_temperatures():
+    c = cc.convert({"worker.actor.loss_type": "gspo", "worker.actor.tau_positive": 1.2,
+                    "worker.actor.tau_negative": 1.4})
+    assert c.tree()["optimization"] == {"policy_loss": "gspo", "sapo_tau_positive": 1.2, "sapo_tau_negative": 1.4}
+    c = cc.convert({"worker.actor.loss_type": "default",
+                    "worker.reward.reward_function_kwargs": {"max_response_length": 20480,
+                                                             "overlong_buffer_length": 4096,
+                                                             "overlong_penalty_factor": 1.0}})
+    assert c.tree()["optimization"] == {"policy_loss": "ppo"}
+    assert any("applies the overlong penalty itself" in n for n in c.notes)

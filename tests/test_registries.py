@@ -3,6 +3,7 @@ the one `optimization.policy_loss` names, at both of its call sites) and advanta
 takes what the trainer hands it)."""
 
 import inspect
+import re
 
 import pytest
 import test_agent
@@ -37,17 +38,19 @@ def test_ppo_is_the_default_policy_loss():
 
 
 def test_unknown_or_duplicate_policy_loss_is_an_error():
-    with pytest.raises(ValueError, match=r"unknown policy loss 'gspo'; known: \['ppo'\]"):
-        po.get_policy_loss("gspo")
+    known = ", ".join(repr(n) for n in sorted(POLICY_LOSS_NAMES))
+    with pytest.raises(ValueError, match=re.escape(f"unknown policy loss 'dppo_tv'; known: [{known}]")):
+        po.get_policy_loss("dppo_tv")
     with pytest.raises(ValueError, match="policy loss 'ppo' is already registered"):
         po.register_policy_loss("ppo")(lambda *args, **kwargs: None)
     assert po.get_policy_loss("ppo") is po.compute_policy_loss
 
 
 def test_unknown_policy_loss_in_the_config_exits_2_with_the_allowed_names(capsys):
-    assert main([*BASE, "optimization.policy_loss=gspo"]) == 2
+    assert main([*BASE, "optimization.policy_loss=dppo_tv"]) == 2
     err = capsys.readouterr().err
-    assert "`optimization.policy_loss` = 'gspo' is not allowed. Allowed values: ppo." in err
+    allowed = ", ".join(POLICY_LOSS_NAMES)
+    assert f"`optimization.policy_loss` = 'dppo_tv' is not allowed. Allowed values: {allowed}." in err
     assert "Traceback" not in err
 
 
@@ -75,6 +78,27 @@ def test_the_chord_mixed_loss_uses_the_configured_policy_loss(halved_ppo):
     assert half_metrics["expert/sft_loss"] == pytest.approx(ppo_metrics["expert/sft_loss"], abs=1e-7)
     expected = ppo_loss - (1 - mu) * 0.5 * ppo_metrics["usual/pg_loss"]
     assert half_loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_the_actor_hands_each_loss_its_optimization_settings():
+    seen = []
+
+    @po.register_policy_loss("recording_ppo")
+    def recording(*args, settings, **kwargs):
+        seen.append(settings)
+        return po.compute_policy_loss(*args, settings=settings, **kwargs)
+
+    try:
+        opt = OptimizationConfig(policy_loss="recording_ppo", sapo_tau_positive=2.5)
+        test_agent.run_update(test_agent.ROWS, False, "token-mean", opt=opt)
+        batch = test_chord.make_batch()
+        agent = ParallelPolicyAgent(ActorConfig(dynamic_batching=False), test_agent.tiny_model(), torch.device("cpu"))
+        batch.tensors["old_log_probs"] = agent.compute_log_probs(batch, 1.0)["log_probs"]
+        norm = dict(zip(("usual", "expert"), _global_counts(list(expert_masks(batch)), torch.device("cpu"))))
+        agent._micro_batch_loss(batch, 1.0, opt, norm)
+    finally:
+        del po.POLICY_LOSSES["recording_ppo"]
+    assert len(seen) == 2 and all(s is opt for s in seen)  # the RL call site, then CHORD's
 
 
 # What DistributedTrainer._compute_advantages hands to compute_advantage_return ("values" with a

@@ -202,7 +202,7 @@ class ParallelPolicyAgent:
         mask = t["response_mask"]
         pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
             t["old_log_probs"], log_probs, t["advantages"], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
-            cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm)
+            cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), settings=opt, **norm)
         loss = pg_loss
         metrics = {"actor/pg_loss": pg_loss.item(),
                    **ratio_metrics(pg_metrics, mask, norm["global_token_count"])}
@@ -248,7 +248,8 @@ class ParallelPolicyAgent:
                  if k in ("old_log_probs", "advantages", "token_mask", "ref_log_probs")}
             pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
                 t["old_log_probs"], log_probs, t["advantages"], usual_mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
-                cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), **norm["usual"])
+                cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), settings=opt,
+                **norm["usual"])
             loss = loss + (1.0 - mu) * pg_loss
             metrics.update({"actor/pg_loss": pg_loss.item(), "usual/pg_loss": pg_loss.item(),
                             **ratio_metrics(pg_metrics, usual_mask, norm["usual"]["global_token_count"])})

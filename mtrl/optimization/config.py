@@ -6,7 +6,7 @@ from typing import Optional
 # Allowed values of the choice keys. Those naming a registry or table of mtrl/optimization/ are kept equal to
 # its keys by tests (test_policy_optimization.py, test_registries.py), so that this module needs no torch.
 ADVANTAGE_ESTIMATOR_NAMES = ("gae", "grpo", "rloo", "remax", "reinforce_plus_plus")
-POLICY_LOSS_NAMES = ("ppo",)
+POLICY_LOSS_NAMES = ("ppo", "gspo", "gspo_token", "cispo", "sapo", "gmpo", "clip_cov", "kl_cov")
 DIVERGENCE_PENALTY_NAMES = ("kl", "abs", "mse", "low_var_kl")
 CONTROLLER_TYPE_NAMES = ("fixed", "adaptive")
 DEPENDENCY_ESTIMATOR_NAMES = ("sampled_k3", "full_kl")
@@ -52,9 +52,28 @@ class OptimizationConfig:
     lam: float = 0.95
     advantage_estimator: str = "gae"
     norm_adv_by_std_in_grpo: bool = True
-    # The actor's policy-gradient loss, by its name in the policy-loss registry
-    # (mtrl/optimization/policy_losses.py); "ppo" = dual-clip PPO with worker.actor's clip ratios.
+    # The actor's policy-gradient loss, by its name in the policy-loss registry (docs/algorithms.md):
+    # "ppo" = dual-clip PPO. The clipped losses (ppo, gspo, gspo_token, cispo, gmpo, clip_cov) take
+    # worker.actor's clip ratios; the keys below are the settings of one loss each (verl's defaults).
     policy_loss: str = "ppo"
+    # sapo: the gate temperatures of positive- and negative-advantage tokens.
+    sapo_tau_positive: float = 1.0
+    sapo_tau_negative: float = 1.05
+    # clip_cov: detach the gradient of a random clip_cov_ratio of the tokens whose centred
+    # advantage x log-prob covariance lies in (clip_cov_lb, clip_cov_ub).
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # kl_cov: add kl_cov_coef * |log ratio| to the loss of the kl_cov_ratio of the tokens with the
+    # largest covariance.
+    kl_cov_ratio: float = 0.0002
+    kl_cov_coef: float = 0.1
+
+    # DAPO soft overlong punishment, added to each training score on the controller (0 = off):
+    # a response longer than max_response_length - overlong_buffer_length loses up to
+    # overlong_penalty_factor, linearly over the buffer. Validation scores are not shaped.
+    overlong_buffer_length: int = 0
+    overlong_penalty_factor: float = 1.0
 
     # Divergence from the reference policy: as a reward penalty (default) or as a loss term.
     disable_divergence: bool = False

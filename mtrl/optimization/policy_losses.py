@@ -8,19 +8,24 @@ A policy loss is registered with ``register_policy_loss(name)`` and chosen by
     loss_fn(old_log_probs, log_probs, advantages, response_mask,
             clip_ratio_low, clip_ratio_high, clip_ratio_dual,      # the actor's clip settings
             loss_agg_mode="token-mean", token_mask=None,
-            *, global_token_count=None, global_seq_count=None, loss_scale_factor=None) -> (loss, metrics)
+            *, settings=DEFAULT_SETTINGS,                          # its own keys of OptimizationConfig
+            global_token_count=None, global_seq_count=None, loss_scale_factor=None) -> (loss, metrics)
 
 and returns the scalar loss (aggregated with ``aggregate_loss`` and the normalisers, so micro-batch
 losses sum to the mini-batch loss) and metrics holding at least ``pg_clipfrac``,
-``pg_clipfrac_lower`` and ``ppo_kl`` (the actor logs them; a loss without clipping reports 0).
+``pg_clipfrac_lower`` and ``ppo_kl`` (``policy_loss_metrics``; a loss without clipping reports 0).
 ``token_mask`` (TPRL, 1 = receives gradient) zeroes the loss of filtered tokens, which still count
-in the denominator.
+in the denominator; statistics a loss takes over tokens (sequence ratios, covariances) use only the
+kept tokens (``kept_tokens``). The other registered losses live in ``sequence_ratio_losses``,
+``token_ratio_losses`` and ``covariance_losses``, which register themselves when imported
+(``policy_optimization`` imports them all).
 """
 
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from mtrl.optimization.config import OptimizationConfig
 from mtrl.optimization.masked import Metrics, Number, compute_dtype, masked_mean, masked_sum
 from mtrl.optimization.registry import Registry
 
@@ -28,6 +33,8 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 
 PolicyLoss = Callable[..., Tuple[torch.Tensor, Metrics]]
 POLICY_LOSSES = Registry("policy loss")
+# The settings a loss sees when its caller gives none: every key at its default (never mutated).
+DEFAULT_SETTINGS = OptimizationConfig()
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
@@ -97,6 +104,37 @@ def aggregate_loss(
     return loss
 
 
+def kept_tokens(response_mask: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The tokens that receive gradient: valid (``response_mask``) and kept by TPRL's ``token_mask``."""
+    kept = response_mask.bool()
+    return kept if token_mask is None else kept & token_mask.bool()
+
+
+def aggregate_policy_loss(losses: torch.Tensor, response_mask: torch.Tensor, token_mask: Optional[torch.Tensor],
+                          loss_agg_mode: str, **normalisers: Optional[Number]) -> torch.Tensor:
+    """A policy loss's per-token ``losses`` to its scalar: filtered tokens (``token_mask`` 0) lose their
+    loss and gradient but stay in the denominator (``response_mask``), then ``aggregate_loss``."""
+    if token_mask is not None:
+        losses = losses * token_mask.to(losses.dtype)
+    return aggregate_loss(losses, response_mask, loss_agg_mode, **normalisers)
+
+
+def policy_loss_metrics(log_ratio: torch.Tensor, response_mask: torch.Tensor,
+                        clipped: Optional[torch.Tensor] = None,
+                        clipped_lower: Optional[torch.Tensor] = None) -> Metrics:
+    """The metrics every policy loss reports, over valid tokens: ``pg_clipfrac`` / ``pg_clipfrac_lower``
+    (fraction where ``clipped`` / ``clipped_lower`` holds; 0 when not given) and ``ppo_kl`` (mean of
+    ``-log_ratio`` = ``old_log_probs - log_probs``, the k1 estimate of KL(pi_old || pi))."""
+    with torch.no_grad():
+        zero = log_ratio.new_zeros(())
+
+        def fraction(flags: Optional[torch.Tensor]) -> torch.Tensor:
+            return zero if flags is None else masked_mean(flags.float(), response_mask)
+
+        return {"pg_clipfrac": fraction(clipped), "pg_clipfrac_lower": fraction(clipped_lower),
+                "ppo_kl": masked_mean(-log_ratio.detach(), response_mask)}
+
+
 @register_policy_loss("ppo")
 def compute_policy_loss(
     old_log_probs: torch.Tensor,
@@ -109,6 +147,7 @@ def compute_policy_loss(
     loss_agg_mode: str = "token-mean",
     token_mask: Optional[torch.Tensor] = None,
     *,
+    settings: OptimizationConfig = DEFAULT_SETTINGS,
     global_token_count: Optional[Number] = None,
     global_seq_count: Optional[Number] = None,
     loss_scale_factor: Optional[float] = None,
@@ -120,7 +159,8 @@ def compute_policy_loss(
     ``L = min(L, -A clip_ratio_dual)`` so a very large ratio cannot make a negative-advantage token's
     loss unbounded. ``token_mask`` (1 = keep, the TPRL filter) zeroes the loss of filtered tokens,
     which still count in the denominator (``response_mask``). Aggregated with ``aggregate_loss``;
-    the keyword-only counts are its invariance normalisers.
+    the keyword-only counts are its invariance normalisers. ``settings`` holds no PPO key: PPO's are
+    the actor's clip ratios.
 
     Metrics, over all valid tokens: ``pg_clipfrac`` (fraction where the clipped term is active),
     ``pg_clipfrac_lower`` (fraction where the dual clip is active), ``ppo_kl`` (mean of
@@ -136,17 +176,11 @@ def compute_policy_loss(
     dual_bound = -advantages * clip_ratio_dual
     negative = advantages < 0
     losses = torch.where(negative, torch.minimum(ppo_losses, dual_bound), ppo_losses)
-    if token_mask is not None:
-        losses = losses * token_mask.to(losses.dtype)
-    loss = aggregate_loss(losses, response_mask, loss_agg_mode, global_token_count, global_seq_count,
-                          loss_scale_factor=loss_scale_factor)
-    with torch.no_grad():
-        metrics = {
-            "pg_clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
-            "pg_clipfrac_lower": masked_mean((negative & (ppo_losses > dual_bound)).float(), response_mask),
-            "ppo_kl": masked_mean(-log_ratio, response_mask),
-        }
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode,
+                                 global_token_count=global_token_count, global_seq_count=global_seq_count,
+                                 loss_scale_factor=loss_scale_factor)
+    return loss, policy_loss_metrics(log_ratio, response_mask, clipped > unclipped,
+                                     negative & (ppo_losses > dual_bound))
 
 
 def compute_value_loss(

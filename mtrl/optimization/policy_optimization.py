@@ -6,7 +6,10 @@ Each concept has its own module; this one only re-exports their public names (SP
 * ``advantages`` -- advantage estimators and their registry (``compute_advantage_return``).
 * ``divergence`` -- divergence estimators, the in-reward penalty, the coefficient controllers.
 * ``policy_losses`` -- loss aggregation, the policy-loss registry (``"ppo"`` = ``compute_policy_loss``),
-  value loss, entropy penalty and bonus.
+  value loss, entropy penalty and bonus; the other registered policy losses in ``sequence_ratio_losses``
+  (GSPO, GSPO-token, GMPO), ``token_ratio_losses`` (CISPO, SAPO) and ``covariance_losses`` (Clip-Cov,
+  KL-Cov), all registered once this module is imported.
+* ``reward_shaping`` -- DAPO's overlong penalty on the controller's scores.
 * ``log_probs`` -- log-prob / entropy / KL kernels over the vocabulary.
 * ``tprl`` -- visual dependency, token selection, trajectory scaling; ``apply_tprl`` runs them on a batch.
 * ``sft_losses`` -- SFT loss, CHORD mu / phi; ``preference_losses`` -- DPO, Bradley-Terry.
@@ -40,6 +43,7 @@ from mtrl.optimization.advantages import (
     get_advantage_estimator,
     register_advantage_estimator,
 )
+from mtrl.optimization.covariance_losses import compute_clip_cov_loss, compute_kl_cov_loss
 from mtrl.optimization.divergence import (
     DIVERGENCE_PENALTIES,
     AdaptiveDivergenceController,
@@ -69,7 +73,10 @@ from mtrl.optimization.preference_losses import (
     compute_dpo_loss,
     sequence_log_probs,
 )
+from mtrl.optimization.reward_shaping import overlong_penalty
+from mtrl.optimization.sequence_ratio_losses import compute_gmpo_loss, compute_gspo_loss, compute_gspo_token_loss
 from mtrl.optimization.sft_losses import compute_chord_mu, compute_chord_phi, compute_sft_loss
+from mtrl.optimization.token_ratio_losses import compute_cispo_loss, compute_sapo_loss
 from mtrl.optimization.tprl import (
     DEPENDENCY_ESTIMATORS,
     FILTER_SCOPES,
@@ -92,6 +99,8 @@ __all__ = [
     "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "LOSS_AGG_MODES", "POLICY_LOSSES", "EntropyBonusController", "aggregate_loss", "compute_entropy_bonus",
     "compute_entropy_penalty", "compute_policy_loss", "compute_value_loss", "get_policy_loss", "register_policy_loss",
+    "compute_gspo_loss", "compute_gspo_token_loss", "compute_gmpo_loss", "compute_cispo_loss", "compute_sapo_loss",
+    "compute_clip_cov_loss", "compute_kl_cov_loss", "overlong_penalty",
     "DPO_LOSS_TYPES", "compute_bradley_terry_loss", "compute_dpo_loss", "sequence_log_probs",
     "compute_chord_mu", "compute_chord_phi", "compute_sft_loss",
     "DEPENDENCY_ESTIMATORS", "FILTER_SCOPES", "apply_tprl", "compute_tprl_token_mask", "compute_trajectory_metrics",

@@ -153,6 +153,18 @@ PENALTIES = {"kl": "kl", "k1": "kl", "abs": "abs", "mse": "mse", "k2": "mse", "l
 SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 LOSS_AGG = {m: m for m in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")}
 ROLLOUT_NAMES = {"vllm": "vllm", "hf": "hf"}
+# verl's actor.policy_loss.loss_mode -> optimization.policy_loss. verl's "gspo" computes GSPO-token (the
+# per-token ratio whose value is the sequence ratio); with one advantage per sequence it equals "gspo".
+VERL_POLICY_LOSSES = {"vanilla": "ppo", "gspo": "gspo_token", "cispo": "cispo", "sapo": "sapo", "geo_mean": "gmpo",
+                      "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
+# EasyR1's worker.actor.loss_type (its "gspo" is the sequence-level form).
+EASYR1_POLICY_LOSSES = {"default": "ppo", "gspo": "gspo", "gspo_token": "gspo_token", "cispo": "cispo",
+                        "sapo": "sapo"}
+# Losses verl aggregates with seq-mean-token-mean whatever its loss_agg_mode says.
+VERL_SEQ_MEAN_LOSSES = ("sapo", "geo_mean")
+# Where verl versions put the DAPO overlong buffer (enable / len / penalty_factor / log).
+VERL_OVERLONG_BUFFERS = ("reward_model.overlong_buffer", "reward_model.reward_kwargs.overlong_buffer_cfg",
+                         "reward.reward_kwargs.overlong_buffer_cfg")
 
 
 def _model_section(prefix: str, target: str) -> Dict[str, Any]:
@@ -227,6 +239,13 @@ def verl_table() -> Dict[str, Any]:
         f"{a}.clip_ratio_high": to("worker.actor.clip_ratio_high"),
         f"{a}.entropy_coeff": to("optimization.entropy_bonus_coef"),
         f"{a}.clip_ratio_c": to("worker.actor.clip_ratio_dual"),
+        f"{a}.policy_loss.clip_cov_ratio": to("optimization.clip_cov_ratio"),
+        f"{a}.policy_loss.clip_cov_lb": to("optimization.clip_cov_lb"),
+        f"{a}.policy_loss.clip_cov_ub": to("optimization.clip_cov_ub"),
+        f"{a}.policy_loss.kl_cov_ratio": to("optimization.kl_cov_ratio"),
+        f"{a}.policy_loss.ppo_kl_coef": to("optimization.kl_cov_coef"),
+        f"{a}.tau_pos": to("optimization.sapo_tau_positive"),
+        f"{a}.tau_neg": to("optimization.sapo_tau_negative"),
         f"{a}.ppo_epochs": to("worker.actor.ppo_epochs"),
         f"{a}.loss_agg_mode": ("choice", "worker.actor.loss_agg_mode", LOSS_AGG),
         f"{a}.use_kl_loss": to("optimization.use_divergence_loss"),
@@ -336,6 +355,9 @@ def easyr1_table() -> Dict[str, Any]:
                                              {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"})
         for key in ("offload_params", "offload_optimizer"):
             table[f"{w}.offload.{key}"] = to(f"{w}.offload.{key}")
+    table["worker.actor.loss_type"] = ("choice", "optimization.policy_loss", EASYR1_POLICY_LOSSES)
+    table["worker.actor.tau_positive"] = to("optimization.sapo_tau_positive")
+    table["worker.actor.tau_negative"] = to("optimization.sapo_tau_negative")
     table["worker.ref.offload.offload_params"] = to("worker.ref.offload_params")
     for key in ("name", "n", "temperature", "top_p", "top_k", "gpu_memory_utilization", "tensor_parallel_size",
                 "enable_prefix_caching"):
@@ -415,6 +437,7 @@ def _special_verl(flat: Dict[str, Value], c: Converter) -> set:
         elif flat[ratio_key]:
             c.skip(ratio_key, flat[ratio_key], "MTRL takes warmup_steps; set worker.actor.optim.warmup_steps = "
                    "ratio x total steps")
+    done |= _verl_policy_loss(flat, c)
     if "data.truncation" in flat:
         done.add("data.truncation")
         if flat["data.truncation"] != "error":
@@ -423,8 +446,43 @@ def _special_verl(flat: Dict[str, Value], c: Converter) -> set:
     return done
 
 
+def _verl_policy_loss(flat: Dict[str, Value], c: Converter) -> set:
+    """verl's policy_loss.loss_mode (with the aggregation it implies) and DAPO's overlong buffer."""
+    a = "actor_rollout_ref.actor"
+    done = set()
+    mode_key = f"{a}.policy_loss.loss_mode"
+    if mode_key in flat:
+        done.add(mode_key)
+        mode = flat[mode_key]
+        _choice("optimization.policy_loss", VERL_POLICY_LOSSES)(mode_key, mode, c)
+        if mode in VERL_SEQ_MEAN_LOSSES:
+            done.add(f"{a}.loss_agg_mode")
+            c.set("worker.actor.loss_agg_mode", "seq-mean-token-mean")
+            given = flat.get(f"{a}.loss_agg_mode", "token-mean")
+            if given != "seq-mean-token-mean":
+                c.notes.append(f"verl's {mode} loss ignores loss_agg_mode = {given} and takes seq-mean-token-mean; "
+                               f"so does the converted config (MTRL's {VERL_POLICY_LOSSES[mode]} follows "
+                               f"worker.actor.loss_agg_mode)")
+    for prefix in VERL_OVERLONG_BUFFERS:
+        keys = {k for k in flat if k.startswith(prefix + ".")}
+        if not keys:
+            continue
+        done |= keys
+        if flat.get(f"{prefix}.enable"):
+            c.set("optimization.overlong_buffer_length", int(flat.get(f"{prefix}.len", 0)))
+            c.set("optimization.overlong_penalty_factor", float(flat.get(f"{prefix}.penalty_factor", 1.0)))
+        for key in sorted(keys - {f"{prefix}.{k}" for k in ("enable", "len", "penalty_factor", "log")}):
+            c.skip(key, flat[key], "no MTRL counterpart")
+    return done
+
+
 def _special_easyr1(flat: Dict[str, Value], c: Converter) -> set:
     done = set()
+    if any("overlong_buffer_length" in f"{k}={v}" for k, v in flat.items()
+           if k.startswith("worker.reward.reward_function_kwargs")):
+        c.notes.append("EasyR1's reward function applies the overlong penalty itself (reward_function_kwargs "
+                       "overlong_buffer_length / overlong_penalty_factor): kept there, so "
+                       "optimization.overlong_buffer_length stays 0 (setting it too would apply it twice)")
     ratio_key = "worker.actor.optim.lr_warmup_ratio"
     if ratio_key in flat:
         done.add(ratio_key)

@@ -215,7 +215,7 @@ class DistributedTrainer(Trainer):
         return batch.index(keep)
 
     def _generate_and_score(self, prompts: DataBatch, metrics: Dict[str, float],
-                            sampling: Optional[dict] = None) -> DataBatch:
+                            sampling: Optional[dict] = None, shape_scores: bool = True) -> DataBatch:
         prompts.meta.update(global_step=self.global_step, **(sampling or {}))
         batch = self._dp(self.actor_wg.generate_sequences, prompts)
         n_per_uid: Dict[str, int] = {}
@@ -233,6 +233,13 @@ class DistributedTrainer(Trainer):
         for name, values in per_sample.items():
             batch.non_tensors[f"reward_{name}"] = np.asarray(values, dtype=object)
         metrics.update(reward_metrics(scores, per_sample))
+        opt = self.config.optimization
+        if shape_scores and opt.overlong_buffer_length > 0:
+            max_length = self.config.worker.rollout.max_new_tokens or self.config.dataset.max_response_length
+            penalty = po.overlong_penalty(batch.tensors["response_mask"].sum(-1), max_length,
+                                          opt.overlong_buffer_length, opt.overlong_penalty_factor)
+            batch.tensors["scores"] = scores + penalty
+            metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
         return batch
 
     @staticmethod
@@ -301,7 +308,7 @@ class DistributedTrainer(Trainer):
         start = time.perf_counter()
         scores, per_sample_all, generations = [], {}, []
         for prompts in self.val_loader:
-            batch = self._generate_and_score(prompts, {}, sampling)
+            batch = self._generate_and_score(prompts, {}, sampling, shape_scores=False)
             scores.append(batch.tensors["scores"])
             for key in batch.non_tensors:
                 if key.startswith("reward_"):

@@ -345,6 +345,7 @@ def validate_config(config: MTRLConfig) -> None:
     if o.entropy_bonus_type == "adaptive":
         _positive("optimization.entropy_target", o.entropy_target)
         _positive("optimization.entropy_bonus_step", o.entropy_bonus_step)
+    _validate_policy_loss_settings(config)
 
     if a.ulysses_size != 1:
         raise ConfigError(f"`worker.actor.ulysses_size` = {a.ulysses_size}: Ulysses sequence parallelism is not "
@@ -397,6 +398,25 @@ def validate_config(config: MTRLConfig) -> None:
     if not d.train_files and t.mode == "rl":
         raise ConfigError("`dataset.train_files` is empty: give one or more comma-separated files.")
     _validate_batch_sizes(config)
+
+
+def _validate_policy_loss_settings(config: MTRLConfig) -> None:
+    """The settings of the policy losses (mtrl/optimization/*_losses.py) and of the overlong reward shaping."""
+    o = config.optimization
+    _positive("optimization.sapo_tau_positive", o.sapo_tau_positive)
+    _positive("optimization.sapo_tau_negative", o.sapo_tau_negative)
+    _range("optimization.clip_cov_ratio", o.clip_cov_ratio, 0, 1, low_open=True)
+    _range("optimization.kl_cov_ratio", o.kl_cov_ratio, 0, 1, low_open=True)
+    if o.clip_cov_lb >= o.clip_cov_ub:
+        raise ConfigError(f"`optimization.clip_cov_lb` = {o.clip_cov_lb} must be < `optimization.clip_cov_ub` = "
+                          f"{o.clip_cov_ub}.")
+    if o.kl_cov_coef < 0:
+        raise ConfigError(f"`optimization.kl_cov_coef` = {o.kl_cov_coef} must be >= 0.")
+    max_length = config.worker.rollout.max_new_tokens or config.dataset.max_response_length
+    _range("optimization.overlong_buffer_length (0 = off; at most the max response length)",
+           o.overlong_buffer_length, 0, max_length)
+    if o.overlong_penalty_factor < 0:
+        raise ConfigError(f"`optimization.overlong_penalty_factor` = {o.overlong_penalty_factor} must be >= 0.")
 
 
 def _validate_training_modes(config: MTRLConfig) -> None:
