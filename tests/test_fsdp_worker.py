@@ -4,6 +4,7 @@ the workers (mtrl/training/worker_run_config.py), the dtype map and the package 
 The builder runs for real: FSDP2 on a one-process gloo group that `FSDPWorker.setup_process` joins."""
 
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -56,6 +57,8 @@ def test_setup_joins_the_group_seeds_and_loads_the_tokenizer(worker):
     expected = torch.Generator().manual_seed(11)
     worker.setup_process()  # seeds again; the group is joined once per process
     assert torch.equal(torch.rand(4), torch.rand(4, generator=expected))
+    # A lone CPU worker computes with every core (Ray would leave it one thread).
+    assert torch.get_num_threads() == os.cpu_count()
 
 
 def test_pad_token_falls_back_to_end_of_text_then_zero():

@@ -4,6 +4,7 @@ its process (`FSDPWorker.setup_process`) and the one model builder (`build_fsdp_
 FSDP2 itself is applied in one place, `fsdp_utils.apply_fsdp2`, which the builder calls last.
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -78,6 +79,10 @@ class FSDPWorker(Worker):
     def setup_process(self, tokenizer_path: Optional[str] = None) -> None:
         """Join the process group, seed torch, silence download bars, load the tokenizer / processor (if asked)."""
         self.init_distributed()
+        if self.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS=1 in actors it gives one CPU: on CPU each worker process takes its share
+            # of the machine's cores instead (2 cores, 1 worker: 2 threads, as a plain torch program would).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
         transformers.utils.logging.disable_progress_bar()
         torch.manual_seed(self.config.seed)
         if tokenizer_path is not None:
