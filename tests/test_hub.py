@@ -135,3 +135,65 @@ def test_hub_errors_say_what_to_do(monkeypatch, error, message):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
     with pytest.raises(UserError, match=re.escape(message)):
         download_snapshot("org/name@dev", "worker.actor.model.model_path")
+
+
+# As an EasyR1 user writes it: the batch form, `overall` plus other scores.
+EASYR1_REWARD = '''
+def compute_score(reward_inputs, weight=1.0):
+    scores = []
+    for reward_input in reward_inputs:
+        correct = float(reward_input["ground_truth"].lower() in reward_input["response"].lower())
+        scores.append({"overall": weight * correct, "accuracy": correct,
+                       "length": float(reward_input["response_length"])})
+    return scores
+'''
+
+
+@pytest.mark.slow
+def test_a_run_from_hub_model_saved_dataset_and_easyr1_reward(tmp_path):
+    """The quickstart RL run with what a user from EasyR1 brings: the model as a Hub id (from a fake offline
+    cache), the data as a `save_to_disk` DatasetDict with image bytes, the reward as EasyR1's compute_score."""
+    import shutil
+
+    import pyarrow as pa
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from shapes_assets import shapes_task, tiny_vl_model
+    from test_dataset import save_to_disk_layout
+
+    task = shapes_task(n_train=16, n_val=8)
+    home = tmp_path / "hf_home"
+    repo = home / "hub" / "models--org--tiny-vl"
+    shutil.copytree(tiny_vl_model(), repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+
+    def split_table(name):
+        with open(os.path.join(task, f"{name}.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        images = [[{"bytes": open(os.path.join(task, p), "rb").read(), "path": p} for p in r["images"]] for r in rows]
+        return pa.table({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows],
+                         "images": images})
+
+    saved = save_to_disk_layout(tmp_path / "shapes_saved", None, {"train": split_table("train"),
+                                                                  "val": split_table("val")})
+    (tmp_path / "easyr1_reward.py").write_text(EASYR1_REWARD)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(home), "PYTHONPATH": REPO}
+    env.pop("HF_HUB_CACHE", None)
+    args = [sys.executable, "-m", "mtrl.training.training_main", f"config={REPO}/configs/quickstart.yaml", "stages=[]",
+            "training.max_steps=1", "training.val_freq=1", "training.save_checkpoint_path=runs/hub",
+            "worker.actor.model.model_path=org/tiny-vl", "worker.actor.model.build_tiny_if_missing=null",
+            f"dataset.train_files={saved}@train", f"dataset.val_files={saved}@val", "dataset.image_dir=null",
+            "dataset.generate_if_missing=null", "dataset.rollout_batch_size=8", "dataset.val_batch_size=8",
+            f"worker.reward.reward_fn_path={tmp_path / 'easyr1_reward.py'}:compute_score",
+            "worker.reward.reward_type=batch", "worker.reward.reward_fn_kwargs={weight: 2.0}"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "hub" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "actor/pg_loss" in r]
+    assert [r["step"] for r in train] == [1]
+    assert train[0]["reward/overall"] == pytest.approx(2.0 * train[0]["reward/accuracy"])
+    assert train[0]["reward/length"] > 0
+    saved_config = (tmp_path / "runs" / "hub" / "config.yaml").read_text()
+    assert str(repo / "snapshots" / COMMIT) in saved_config  # what every worker was given
