@@ -108,7 +108,8 @@ def test_hub_model_is_fetched_once_for_all_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(["worker.actor.model.model_path=Qwen/Qwen2.5-VL-7B-Instruct",
                           "worker.actor.model.tokenizer_path=Qwen/Qwen2.5-VL-7B-Instruct",
-                          "worker.critic.model.model_path=Qwen/Qwen2.5-VL-7B-Instruct@v2", "dataset.train_files=rows.jsonl"])
+                          "worker.critic.model.model_path=Qwen/Qwen2.5-VL-7B-Instruct@v2",
+                          "dataset.train_files=rows.jsonl"])
     absolutize_paths(config)
     assert config.worker.actor.model.model_path == config.worker.actor.model.tokenizer_path == \
         "/snapshots/Qwen/Qwen2.5-VL-7B-Instruct/None"

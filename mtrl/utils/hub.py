@@ -2,11 +2,12 @@
 
 An entry names a Hub repository when no local path of that name exists and it reads `org/name` or
 `org/name@revision` (a branch, tag or commit); a data file entry names a Hub dataset as
-`org/name[:config][@split]` (`parse_dataset_id`; read by mtrl/utils/dataset.py with the `datasets` library). `download_snapshot` fetches it with huggingface_hub
-(which honours HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN), or finds it in the cache when
-offline, and returns the snapshot folder; `cached_snapshot` only looks in the cache. The driver
-calls `download_snapshot` once per repository and rewrites the config to the folder, so every worker
-reads the same files and none downloads (mtrl/training/paths.py).
+`org/name[:config][@split]` (`parse_dataset_id`; read by mtrl/utils/dataset.py with the `datasets`
+library). `download_snapshot` fetches a model with huggingface_hub (which honours HF_HOME / HF_HUB_CACHE,
+HF_HUB_OFFLINE and HF_TOKEN), or finds it in the cache when offline, and returns the snapshot folder;
+`cached_snapshot` only looks in the cache. The driver calls `download_snapshot` once per repository and
+rewrites the config to the folder, so every worker reads the same files and none downloads
+(mtrl/training/paths.py).
 """
 
 import os
