@@ -4,7 +4,8 @@ Ray workers (on this node or others) do not share the driver's working directory
 `model_path` or data file that works for the driver would not be found by a worker: relative paths
 become absolute. A model path that names a Hugging Face Hub repository (`org/name[@revision]`, no local
 path of that name; mtrl/utils/hub.py) is downloaded here, once, and replaced by its local snapshot
-folder, so no worker downloads and all read the same files. Data files that are Hub ids stay as they
+folder, so no worker downloads and all read the same files (on several nodes the Hugging Face cache,
+HF_HOME, must then be on storage every node mounts, like the run folder). Data files that are Hub ids stay as they
 are: the driver reads the data itself (mtrl/utils/dataset.py).
 """
 
