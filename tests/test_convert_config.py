@@ -137,8 +137,12 @@ def test_easyr1_reward_keys():
     c = cc.convert({"worker.reward.reward_function": "math.py:compute_score"}, "easyr1")
     assert c.tree()["worker"]["reward"] == {"reward_type": "batch", "reward_fn_path": "math.py:compute_score"}
     assert c.unmapped == [] and any("EasyR1's default" in n for n in c.notes)
-    c = cc.convert({"worker.reward.reward_type": "sequential", "worker.reward.skip_special_tokens": True}, "easyr1")
-    assert c.tree()["worker"]["reward"] == {"reward_type": "sequential"} and c.unmapped == []
+    c = cc.convert(cc.flatten({"worker": {"reward": {
+        "reward_type": "sequential", "skip_special_tokens": True,
+        "reward_function_kwargs": {"format_weight": 0.1, "weights": {"bleu": 0.5}}}}}), "easyr1")
+    assert c.tree()["worker"]["reward"] == {"reward_type": "sequential",
+                                            "reward_fn_kwargs": {"format_weight": 0.1, "weights": {"bleu": 0.5}}}
+    assert c.unmapped == []
     c = cc.convert({"worker.reward.reward_type": "function", "worker.reward.skip_special_tokens": False,
                     "worker.reward.score_function": "math"}, "easyr1")
     assert "reward" not in c.tree().get("worker", {})

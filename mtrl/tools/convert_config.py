@@ -452,10 +452,16 @@ def _easyr1_reward(flat: Dict[str, Value], c: Converter) -> set:
             done.add(old)
             c.skip(old, flat[old], "older EasyR1 reward API; give a file with compute_score(reward_inputs) as "
                                    "worker.reward.reward_function (worker.reward.reward_fn_path in MTRL)")
-    prefix = "worker.reward.reward_function_kwargs."  # a YAML mapping arrives flattened
-    kwargs = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    prefix = "worker.reward.reward_function_kwargs."  # a YAML mapping arrives flattened: nest it again
+    kwargs: Dict[str, Any] = {}
+    for k in [k for k in flat if k.startswith(prefix)]:
+        done.add(k)
+        *parents, leaf = k[len(prefix):].split(".")
+        node = kwargs
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = flat[k]
     if kwargs:
-        done |= {prefix + k for k in kwargs}
         c.set("worker.reward.reward_fn_kwargs", kwargs)
     skip = "worker.reward.skip_special_tokens"
     if skip in flat:
