@@ -16,6 +16,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "pandas>=2.0",
     "pyarrow>=15.0",
+    # Models and datasets named by Hub id (mtrl/utils/hub.py, mtrl/utils/dataset.py).
+    "huggingface_hub>=1.0",
+    "datasets>=4.0",
     "jinja2>=3.1",
     "tqdm>=4.66",
     "wandb>=0.18",

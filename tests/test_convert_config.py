@@ -106,7 +106,9 @@ def test_easyr1_yaml_converts(tmp_path):
                              "offload": {"offload_params": True}},
                    "rollout": {"n": 5, "temperature": 1.0, "gpu_memory_utilization": 0.6,
                                "val_override_config": {"temperature": 0.5, "n": 1}},
-                   "reward": {"reward_type": "batch", "reward_function": "./examples/reward_function/math.py:compute_score"}},
+                   "reward": {"reward_type": "batch",
+                              "reward_function": "./examples/reward_function/math.py:compute_score",
+                              "reward_function_kwargs": {"format_weight": 0.1}, "skip_special_tokens": True}},
         "trainer": {"total_epochs": 15, "max_steps": None, "project_name": "easy_r1", "experiment_name": "qwen2_5_7b",
                     "logger": ["console", "wandb"], "n_gpus_per_node": 8, "val_freq": 5, "save_freq": 5},
     }
@@ -121,12 +123,31 @@ def test_easyr1_yaml_converts(tmp_path):
     assert out["dataset"]["prompt_key"] == "problem"
     assert out["worker"]["actor"]["fsdp"]["sharding_strategy"] == "FULL_SHARD"
     assert out["worker"]["rollout"]["val_override"] == {"temperature": 0.5, "n": 1}
-    assert out["worker"]["reward"]["reward_fn_path"] == "./examples/reward_function/math.py:compute_score"
+    assert out["worker"]["reward"] == {"reward_type": "batch", "reward_fn_kwargs": {"format_weight": 0.1},
+                                       "reward_fn_path": "./examples/reward_function/math.py:compute_score"}
     assert [k for k, _, _ in c.unmapped] == ["worker.actor.optim.strategy"]
     dst = tmp_path / "mtrl.yaml"
     assert cc.main([str(src), "-o", str(dst)]) == 1  # something was unmapped
     config = load_config([f"config={dst}"])
     assert config.worker.rollout.n == 5 and config.worker.actor.offload.offload_params
+
+
+def test_easyr1_reward_keys():
+    """EasyR1's reward_type is the function's form (batch by default); what MTRL cannot take is listed."""
+    c = cc.convert({"worker.reward.reward_function": "math.py:compute_score"}, "easyr1")
+    assert c.tree()["worker"]["reward"] == {"reward_type": "batch", "reward_fn_path": "math.py:compute_score"}
+    assert c.unmapped == [] and any("EasyR1's default" in n for n in c.notes)
+    c = cc.convert(cc.flatten({"worker": {"reward": {
+        "reward_type": "sequential", "skip_special_tokens": True,
+        "reward_function_kwargs": {"format_weight": 0.1, "weights": {"bleu": 0.5}}}}}), "easyr1")
+    assert c.tree()["worker"]["reward"] == {"reward_type": "sequential",
+                                            "reward_fn_kwargs": {"format_weight": 0.1, "weights": {"bleu": 0.5}}}
+    assert c.unmapped == []
+    c = cc.convert({"worker.reward.reward_type": "function", "worker.reward.skip_special_tokens": False,
+                    "worker.reward.score_function": "math"}, "easyr1")
+    assert "reward" not in c.tree().get("worker", {})
+    assert sorted(k for k, _, _ in c.unmapped) == ["worker.reward.reward_type", "worker.reward.score_function",
+                                                   "worker.reward.skip_special_tokens"]
 
 
 def test_cli_overrides_after_double_dash(capsys):

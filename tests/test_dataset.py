@@ -347,6 +347,133 @@ def test_folder_split_parquet_and_json_inputs(tiny, tmp_path):
         make_dataset(tiny, "qwen2_vl", str(tmp_path / "nope.jsonl"))
 
 
+def png_bytes(colour, size=(30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hub_style_table(n=3):
+    """Rows as Hub datasets store them: an `images` list of {"bytes", "path"} (geometry3k, ViRL39K) and a
+    single `image` dict (MMK12)."""
+    import pyarrow as pa
+
+    colours = [(10 * i, 200, 0) for i in range(n)]
+    return pa.table({"problem": [f"<image>What colour is shape {i}?" for i in range(n)],
+                     "answer": [str(i) for i in range(n)],
+                     "images": [[{"bytes": png_bytes(c), "path": f"{i}.png"}] for i, c in enumerate(colours)],
+                     "image": [{"bytes": png_bytes(c), "path": None} for c in colours]}), colours
+
+
+def save_to_disk_layout(folder, table, splits=None):
+    """A folder as `datasets`' save_to_disk writes it: Dataset = state.json + dataset_info.json + Arrow stream
+    files; DatasetDict = dataset_dict.json + one such folder per split."""
+    import pyarrow as pa
+
+    if splits is not None:
+        folder.mkdir(parents=True)
+        (folder / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+        for name, part in splits.items():
+            save_to_disk_layout(folder / name, part)
+        return str(folder)
+    folder.mkdir(parents=True)
+    halves = [table.slice(0, (table.num_rows + 1) // 2), table.slice((table.num_rows + 1) // 2)]
+    names = [f"data-{k:05d}-of-00002.arrow" for k in range(2)]
+    for name, part in zip(names, halves):
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
+            writer.write_table(part)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names],
+                                                   "_fingerprint": "0", "_format_type": None, "_split": None}))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
+    return str(folder)
+
+
+def test_hub_parquet_image_bytes_single_and_list(tiny, tmp_path):
+    import pyarrow.parquet as pq
+
+    table, colours = hub_style_table()
+    (tmp_path / "geo" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "geo" / "data" / "train-00000-of-00001.parquet")
+    for image_key in ("images", "image"):
+        ds = make_dataset(tiny, "qwen2_vl", f"{tmp_path / 'geo'}@train", prompt_key="problem", image_key=image_key)
+        assert len(ds) == 3 and [ds[i]["ground_truth"] for i in range(3)] == ["0", "1", "2"]
+        assert [ds[i]["images"][0].getpixel((3, 3)) for i in range(3)] == colours
+        assert ds[2]["multi_modal_inputs"]["image_grid_thw"].tolist() == [[1, 2, 2]]  # 30x30 -> 28x28, 2x2 patches
+
+
+def test_save_to_disk_folders_dataset_and_dataset_dict(tiny, tmp_path):
+    table, colours = hub_style_table(4)
+    saved = save_to_disk_layout(tmp_path / "saved", table)
+    assert expand_data_files(saved) == [(saved, None)]
+    ds = make_dataset(tiny, "qwen2_vl", saved, prompt_key="problem")
+    assert len(ds) == 4 and [ds[i]["images"][0].getpixel((3, 3)) for i in range(4)] == colours  # both Arrow files
+    assert str(ds.source(3)) == f"{saved}, row 4"
+    splits = save_to_disk_layout(tmp_path / "dict", None, {"train": table.slice(0, 3), "test": table.slice(3)})
+    train = make_dataset(tiny, "qwen2_vl", f"{splits}@train", prompt_key="problem")
+    test = make_dataset(tiny, "qwen2_vl", f"{splits}@test", prompt_key="problem")
+    assert (len(train), len(test)) == (3, 1) and test[0]["ground_truth"] == "3"
+    with pytest.raises(DatasetError, match=r"splits \['train', 'test'\]; select one with"):
+        make_dataset(tiny, "qwen2_vl", splits, prompt_key="problem")
+    with pytest.raises(DatasetError, match=r"no split 'dev'; the saved DatasetDict has \['train', 'test'\]"):
+        make_dataset(tiny, "qwen2_vl", f"{splits}@dev", prompt_key="problem")
+    os.remove(os.path.join(saved, "data-00001-of-00002.arrow"))
+    with pytest.raises(DatasetError, match="cannot read the saved dataset"):
+        make_dataset(tiny, "qwen2_vl", saved, prompt_key="problem")
+
+
+def test_hub_dataset_ids_are_not_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert expand_data_files("hiyouga/geometry3k@train, org/mmk12:default@test") == [
+        ("hiyouga/geometry3k@train", None), ("org/mmk12:default@test", None)]
+    with pytest.raises(DatasetError, match="does not exist"):  # a missing file is not taken for a Hub id
+        expand_data_files("data/train.jsonl")
+
+
+def test_hub_dataset_without_the_datasets_library_says_how(tiny, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DatasetError, match=r"needs the `datasets` library .*hf download hiyouga/geometry3k "
+                                           r"--repo-type dataset"):
+        make_dataset(tiny, "qwen2_vl", "hiyouga/geometry3k@train", prompt_key="problem")
+
+
+def test_hub_id_and_save_to_disk_with_the_datasets_library(tiny, tmp_path, monkeypatch):
+    """The real library: a DatasetDict saved with save_to_disk, and a Hub id (load_dataset pointed at local
+    Parquet files, as the Hub serves them) with an Image-feature column."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow.parquet as pq
+
+    table, colours = hub_style_table()
+    features = datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "images": (getattr(datasets, "List", None) or datasets.Sequence)(datasets.Image()),
+                                  "image": datasets.Image()})
+    built = datasets.Dataset.from_dict(table.to_pydict(), features=features)
+    datasets.DatasetDict({"train": built, "test": built.select([0])}).save_to_disk(str(tmp_path / "saved"))
+    ds = make_dataset(tiny, "qwen2_vl", f"{tmp_path / 'saved'}@train", prompt_key="problem")
+    assert [ds[i]["images"][0].getpixel((3, 3)) for i in range(3)] == colours
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(table, tmp_path / "parquet" / "train.parquet")
+    real_load = datasets.load_dataset
+    calls = []
+
+    def load_local(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return real_load("parquet", data_files={"train": str(tmp_path / "parquet" / "train.parquet")}, split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_local)
+    ds = make_dataset(tiny, "qwen2_vl", "hiyouga/geometry3k:default@train", prompt_key="problem", image_key="image")
+    assert calls == [("hiyouga/geometry3k", "default", "train")]
+    assert [ds[i]["images"][0].getpixel((3, 3)) for i in range(3)] == colours
+
+
 def test_build_dataset_from_config(tiny, tmp_path):
     tok, proc, cfg = tiny.processor("qwen2_vl")
     save_png(str(tmp_path / "a.png"))

@@ -226,7 +226,8 @@ def test_manager_local_path_scores_a_batch(tmp_path):
 
 def test_batch_to_samples_defaults_and_missing_fields():
     samples = batch_to_samples(make_batch(["r"], with_optional=False))
-    assert samples == [{"prompt": "prompt number 0", "response": "r", "ground_truth": "", "images": []}]
+    assert samples == [{"prompt": "prompt number 0", "response": "r", "response_length": None, "ground_truth": "",
+                        "images": []}]
     with pytest.raises(RewardError, match=r"no non-tensor field\(s\) \['response_text'\]"):
         batch_to_samples(DataBatch(non_tensors={"raw_prompt": ["p"]}))
 
@@ -234,8 +235,91 @@ def test_batch_to_samples_defaults_and_missing_fields():
 def test_manager_config_errors(tmp_path):
     with pytest.raises(RewardError, match="reward_fn_path is not set"):
         RewardManager(RewardConfig(), None)
-    with pytest.raises(RewardError, match="reward_type=function; got 'model'"):
+    with pytest.raises(RewardError, match="reward_type=function, sequential or batch; got 'model'"):
         RewardManager(RewardConfig(reward_type="model", reward_fn_path="r.py"), None)
+
+
+# ----------------------------------------------------------------------------- EasyR1's reward-function forms
+
+# As EasyR1 writes them (examples/reward_function/math.py): a batch function of `reward_inputs` (response,
+# response_length, ground_truth) returning one {"overall": ..., <other scores>} dict per input, with no
+# `batched` attribute: EasyR1's config says `reward_type: batch`.
+EASYR1_MATH = """
+import re
+
+def format_reward(response):
+    return 1.0 if re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", response, re.DOTALL) else 0.0
+
+def accuracy_reward(response, ground_truth):
+    match = re.search(r"\\\\boxed\\{(.*?)\\}", response)
+    return 1.0 if match and match.group(1).strip() == ground_truth else 0.0
+
+def compute_score(reward_inputs, format_weight=0.1):
+    if not isinstance(reward_inputs, list):
+        raise ValueError("Please use `reward_type=batch` for math reward function.")
+    scores = []
+    for reward_input in reward_inputs:
+        response = re.sub(r"\\s*(<|>|/)\\s*", r"\\1", reward_input["response"])
+        format_score = format_reward(response)
+        accuracy_score = accuracy_reward(response, reward_input["ground_truth"])
+        scores.append({"overall": (1 - format_weight) * accuracy_score + format_weight * format_score,
+                       "format": format_score, "accuracy": accuracy_score,
+                       "length": float(reward_input["response_length"])})
+    return scores
+"""
+
+EASYR1_SEQUENTIAL = """
+def compute_score(reward_input, bonus=0.0):
+    correct = float(reward_input["response"] == reward_input["ground_truth"])
+    return {"overall": correct + bonus, "accuracy": correct}
+"""
+
+
+def easyr1_batch(responses, truths):
+    batch = make_batch(responses, truths)
+    batch.tensors["response_mask"] = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]][:len(responses)])
+    return batch
+
+
+def test_easyr1_batch_function_overall_is_the_reward_other_keys_metrics(tmp_path):
+    write(tmp_path, "math.py", EASYR1_MATH)
+    config = RewardConfig(reward_type="batch", reward_fn_path="math.py:compute_score",
+                          reward_fn_kwargs={"format_weight": 0.2})
+    manager = RewardManager(config, str(tmp_path), use_ray=False)
+    assert manager.reward_fn.batched
+    responses = ["<think>t</think> \\boxed{3}", "\\boxed{3}", "<think>t</think>\\boxed{4}"]
+    scores, metrics = manager.compute(easyr1_batch(responses, ["3", "3", "3"]))
+    # format / accuracy by hand: (1, 1), (0, 1), (1, 0); overall = 0.8 * accuracy + 0.2 * format
+    assert scores.tolist() == pytest.approx([1.0, 0.8, 0.2])
+    assert metrics == {"format": [1.0, 0.0, 1.0], "accuracy": [1.0, 1.0, 0.0], "length": [3.0, 2.0, 1.0]}
+    # Two samples: a list of two dicts is rows, not the columnar (rewards, metrics) pair.
+    scores, metrics = manager.compute(easyr1_batch(responses[:2], ["3", "3"]))
+    assert scores.tolist() == pytest.approx([1.0, 0.8]) and metrics["accuracy"] == [1.0, 1.0]
+    # Under the default reward_type (function) the file's own declaration counts: per-sample, which EasyR1's
+    # function rejects, and says so.
+    with pytest.raises(RewardError, match="Please use `reward_type=batch`"):
+        RewardManager(RewardConfig(reward_fn_path="math.py:compute_score"), str(tmp_path), use_ray=False).compute(
+            easyr1_batch(responses, ["3", "3", "3"]))
+
+
+def test_easyr1_sequential_function_and_dict_results(tmp_path):
+    write(tmp_path, "seq.py", EASYR1_SEQUENTIAL)
+    for reward_type in ("sequential", "function"):
+        config = RewardConfig(reward_type=reward_type, reward_fn_path="seq.py:compute_score",
+                              reward_fn_kwargs={"bonus": 0.5})
+        scores, metrics = RewardManager(config, str(tmp_path), use_ray=False).compute(
+            easyr1_batch(["3", "4"], ["3", "3"]))
+        assert scores.tolist() == [1.5, 0.5] and metrics == {"accuracy": [1.0, 0.0]}
+    write(tmp_path, "bad.py", "def compute_score(x):\n    return {'accuracy': 1.0}\n")
+    with pytest.raises(RewardError, match=r"a dict without an 'overall' key \(keys: \['accuracy'\]\)"):
+        load_reward_function("bad.py:compute_score", str(tmp_path), form="sequential")([sample()])
+    with pytest.raises(RewardError, match="'vectorized' is not a reward-function form"):
+        load_reward_function("seq.py:compute_score", str(tmp_path), form="vectorized")
+
+
+def test_batch_to_samples_response_length_counts_the_response_mask():
+    samples = batch_to_samples(easyr1_batch(["a", "b", "c"], ["x", "y", "z"]))
+    assert [s["response_length"] for s in samples] == [3, 2, 1]
 
 
 # ----------------------------------------------------------------------------- manager (Ray path)
@@ -265,10 +349,13 @@ def test_ray_path_matches_local_path_with_two_actors(tmp_path, ray_cluster):
     reward_function.batched = True
     """)
     batch = make_batch(["x" * i for i in range(6)] + ["<think>t</think><answer>\\boxed{xx}</answer>"], ["xx"] * 7)
+    batch.tensors["response_mask"] = torch.ones(7, 3, dtype=torch.long)
     # format_accuracy.py imports its sibling math_answer.py: that must work inside the actors too.
-    for spec in ("r.py", "b.py", os.path.join(REPO, "reward_fns", "format_accuracy.py")):
-        config = RewardConfig(reward_fn_path=spec, reward_fn_kwargs={"bonus": 0.25} if spec == "r.py" else {},
-                              num_cpus=2, timeout_s=60)
+    write(tmp_path, "easyr1.py", EASYR1_MATH)  # EasyR1's batch form, declared only by reward_type: batch
+    for spec, reward_type in (("r.py", "function"), ("b.py", "function"), ("easyr1.py:compute_score", "batch"),
+                              (os.path.join(REPO, "reward_fns", "format_accuracy.py"), "function")):
+        config = RewardConfig(reward_type=reward_type, reward_fn_path=spec,
+                              reward_fn_kwargs={"bonus": 0.25} if spec == "r.py" else {}, num_cpus=2, timeout_s=60)
         local = RewardManager(config, str(tmp_path), use_ray=False).compute(batch)
         with RewardManager(config, str(tmp_path)) as manager:  # Ray is initialised -> Ray path
             remote = manager.compute(batch)

@@ -12,7 +12,9 @@ PEFT_TYPES = (None, "lora", "qlora")
 LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ROLLOUT_ENGINE_NAMES = ("hf", "vllm")
-REWARD_TYPES = ("function", "model")
+# A reward function (`function`: its form as the file declares it; `sequential` / `batch`: EasyR1's names, forcing
+# the per-sample / batch form) or a reward model.
+REWARD_TYPES = ("function", "sequential", "batch", "model")
 
 
 @dataclass

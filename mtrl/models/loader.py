@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -33,6 +32,7 @@ from torch import nn
 
 from mtrl.models.dtypes import resolve_dtype
 from mtrl.utils.errors import UserError
+from mtrl.utils.hub import cached_snapshot
 from mtrl.utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -59,8 +59,6 @@ _MODEL_FILES = ("config.json",)
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 _FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 # ---------------------------------------------------------------------------------------------
@@ -77,18 +75,6 @@ def _how_to_get_a_model(path: str) -> str:
     )
 
 
-def _cached_hub_snapshot(repo_id: str) -> Optional[str]:
-    """The local snapshot folder of a Hub repo already in the HF cache, or None (never downloads)."""
-    if not _REPO_ID.match(repo_id):
-        return None
-    try:
-        from huggingface_hub import snapshot_download  # noqa: PLC0415
-
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached, invalid id, hub library missing: all mean "not here"
-        return None
-
-
 def resolve_model_path(model_path: Union[str, os.PathLike, None], kind: str = "model") -> str:
     """Return a local folder for ``model_path`` or raise a :class:`UserError` saying what to do.
 
@@ -99,7 +85,7 @@ def resolve_model_path(model_path: Union[str, os.PathLike, None], kind: str = "m
         raise UserError(f"No {kind} path was given. " + _how_to_get_a_model("outputs/tiny_qwen2_vl"))
     path = Path(os.path.expanduser(str(model_path)))
     if not path.exists():
-        snapshot = _cached_hub_snapshot(str(model_path))
+        snapshot = cached_snapshot(str(model_path))
         if snapshot is None:
             raise UserError(f"{kind.capitalize()} path '{model_path}' does not exist. "
                             + _how_to_get_a_model(str(model_path)))

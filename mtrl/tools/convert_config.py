@@ -369,7 +369,6 @@ def easyr1_table() -> Dict[str, Any]:
     table["worker.reward.reward_function"] = to("worker.reward.reward_fn_path")
     table["worker.reward.reward_function_kwargs"] = to("worker.reward.reward_fn_kwargs")
     table["worker.reward.num_cpus"] = to("worker.reward.num_cpus")
-    table["worker.reward.reward_type"] = lambda v, c: None  # batch / sequential: both forms are accepted
     for key in ("total_epochs", "max_steps", "project_name", "experiment_name", "logger", "nnodes",
                 "n_gpus_per_node", "save_freq", "save_limit", "save_checkpoint_path", "val_freq", "val_before_train",
                 "val_only", "val_generations_to_log", "load_checkpoint_path", "find_last_checkpoint"):
@@ -491,6 +490,42 @@ def _special_easyr1(flat: Dict[str, Value], c: Converter) -> set:
             c.set("worker.actor.optim.warmup_steps", int(float(flat[ratio_key]) * int(steps)))
         elif flat[ratio_key]:
             c.skip(ratio_key, flat[ratio_key], "MTRL takes warmup_steps; set worker.actor.optim.warmup_steps")
+    return done | _easyr1_reward(flat, c)
+
+
+def _easyr1_reward(flat: Dict[str, Value], c: Converter) -> set:
+    """EasyR1's `reward_type` names the reward function's form (batch, its default, or sequential), as MTRL's does."""
+    key, done = "worker.reward.reward_type", set()
+    if key in flat or "worker.reward.reward_function" in flat:
+        done.add(key)
+        form = flat.get(key, "batch")
+        if form in ("batch", "sequential"):
+            c.set(key, form)
+            if key not in flat:
+                c.notes.append("worker.reward.reward_type: batch is EasyR1's default form of the reward function")
+        else:
+            c.skip(key, form, "MTRL's EasyR1 reward-function forms are `batch` and `sequential`")
+    for old in ("worker.reward.score_function", "worker.reward.score_function_kwargs", "worker.reward.compute_score"):
+        if old in flat:
+            done.add(old)
+            c.skip(old, flat[old], "older EasyR1 reward API; give a file with compute_score(reward_inputs) as "
+                                   "worker.reward.reward_function (worker.reward.reward_fn_path in MTRL)")
+    prefix = "worker.reward.reward_function_kwargs."  # a YAML mapping arrives flattened: nest it again
+    kwargs: Dict[str, Any] = {}
+    for k in [k for k in flat if k.startswith(prefix)]:
+        done.add(k)
+        *parents, leaf = k[len(prefix):].split(".")
+        node = kwargs
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = flat[k]
+    if kwargs:
+        c.set("worker.reward.reward_fn_kwargs", kwargs)
+    skip = "worker.reward.skip_special_tokens"
+    if skip in flat:
+        done.add(skip)
+        if not flat[skip]:
+            c.skip(skip, flat[skip], "MTRL's reward functions always see responses decoded without special tokens")
     return done
 
 

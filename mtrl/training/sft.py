@@ -58,7 +58,7 @@ class SFTTrainer(DistributedTrainer):
         return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
 
     def _build_rewards(self):
-        if self.config.worker.reward.reward_fn_path and self.config.worker.reward.reward_type == "function":
+        if self.config.worker.reward.reward_fn_path and self.config.worker.reward.reward_type != "model":
             return RewardManager(self.config.worker.reward, self.config.config_dir)
         return NoRewards()
 

@@ -9,6 +9,14 @@ Data files (`dataset.train_files` / `val_files`: a comma-separated list of entri
 * ``rows.parquet``: one row per record (Hugging Face datasets layout works: images stored as
   ``{"bytes": ..., "path": ...}``); errors name the row (1-based).
 * ``folder``: every .jsonl / .json / .parquet file directly in the folder, in name order.
+* a folder written by the `datasets` library's ``save_to_disk`` (a ``Dataset``: ``state.json`` and Arrow
+  files; a ``DatasetDict``: ``dataset_dict.json`` and a folder per split, chosen with ``folder@split``);
+  read with pyarrow, so it does not need `datasets`.
+* ``org/name@split``, ``org/name:config@split`` (or no split when the dataset has one): a Hugging Face
+  Hub dataset, loaded with the `datasets` library (HF_HOME / HF_HUB_OFFLINE honoured) on the driver,
+  once; no local path of that name may exist (`mtrl.utils.hub.parse_dataset_id`). Without `datasets`,
+  download its Parquet files (``hf download org/name --repo-type dataset --local-dir DIR``) and give
+  ``DIR@split``.
 * ``path@split`` selects one split:
 
   - ``folder@train``: the files of the folder ``folder/train/``, or else the data files in ``folder/``
@@ -30,7 +38,9 @@ Rows (keys renamable with prompt_key / answer_key / image_key / video_key)
   without placeholders the images, then the videos, come before the text.
 * `answer` becomes `ground_truth` (numbers as strings). It is required in every row, unless no row
   of the dataset has it (unlabelled data: ground_truth "").
-* images / videos: a list (or a single value); see `mtrl.utils.vision` for the accepted forms.
+* images / videos: a list (or a single value); see `mtrl.utils.vision` for the accepted forms. Parquet
+  and Arrow data as the Hub stores it (geometry3k, MMK12, ViRL39K) gives images as
+  ``{"bytes": ..., "path": ...}`` dicts, or lists of them; both work.
   Relative paths resolve against `image_dir` first, then the data file's folder.
 * Images are resized with qwen-vl-utils' `smart_resize` to [min_pixels, max_pixels]; video frames
   are sampled at `video_fps` and resized with the same bounds.
@@ -62,6 +72,7 @@ import torch
 
 from mtrl.protocol import DataBatch
 from mtrl.utils.errors import UserError
+from mtrl.utils.hub import parse_dataset_id
 from mtrl.utils.logger import get_logger
 from mtrl.utils.rope import compute_position_ids, uses_mrope
 from mtrl.utils.vision import (VisionGeometry, VisionInputError, image_size, image_token_count, load_image,
@@ -112,6 +123,13 @@ class _Table:
         split_done = False  # a JSON mapping of splits selects the split itself
         if rows is not None:
             self._rows, self._numbers = list(rows), list(range(1, len(rows) + 1))
+        elif _is_saved_dataset(path):
+            self.dir = os.path.abspath(path)
+            split_done = self._read_saved(path, split)
+        elif parse_dataset_id(path) is not None:
+            self.dir = None  # relative image paths of a Hub dataset resolve against image_dir only
+            self._read_hub(path)
+            split_done = True
         elif path.endswith(".jsonl"):
             self.unit = "line"
             self._read_jsonl(path)
@@ -167,6 +185,40 @@ class _Table:
             raise DatasetError(f"{path}: cannot read parquet: {e}") from None
         self._numbers = list(range(1, self._arrow.num_rows + 1))
 
+    def _set_arrow(self, table: Any) -> None:
+        self._arrow = table
+        self._numbers = list(range(1, table.num_rows + 1))
+
+    def _read_saved(self, folder: str, split: Optional[str]) -> bool:
+        """A `save_to_disk` folder; for a DatasetDict select the split (then return True)."""
+        dict_file = os.path.join(folder, "dataset_dict.json")
+        if not os.path.isfile(dict_file):
+            self._set_arrow(_read_arrow_dataset(folder))
+            return False
+        with open(dict_file, encoding="utf-8") as f:
+            splits = list(json.load(f).get("splits", []))
+        split = _pick_split(folder, split, splits, "saved DatasetDict")
+        self._set_arrow(_read_arrow_dataset(os.path.join(folder, split)))
+        return True
+
+    def _read_hub(self, entry: str) -> None:
+        repo, config, split = parse_dataset_id(entry)
+        try:
+            import datasets
+        except ImportError:
+            raise DatasetError(f"{entry!r} names a Hugging Face Hub dataset, which needs the `datasets` library "
+                               f"(pip install datasets); or download its Parquet files (`hf download {repo} "
+                               f"--repo-type dataset --local-dir DIR`) and give `DIR@<split>`") from None
+        try:
+            loaded = datasets.load_dataset(repo, config, split=split)
+        except Exception as e:  # noqa: BLE001 - unknown repo / config / split, offline and not cached, ...
+            raise DatasetError(f"{entry}: cannot load the Hub dataset {repo}"
+                               f"{f' (config {config})' if config else ''}: {type(e).__name__}: {e}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[_pick_split(entry, None, list(loaded), "Hub dataset")]
+        # Arrow, not Python rows: images stay {"bytes", "path"} until a row is loaded.
+        self._set_arrow(loaded.with_format("arrow")[:])
+
     def _select_split(self, split: str) -> None:
         keep = [i for i, row in enumerate(self.iter_rows()) if isinstance(row, dict) and row.get("split") == split]
         if not keep:
@@ -197,6 +249,35 @@ class _Table:
         return RowSource(self.path, self._numbers[i], self.unit)
 
 
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json"))
+
+
+def _pick_split(where: str, split: Optional[str], splits: List[str], what: str) -> str:
+    if split is None:
+        if len(splits) != 1:
+            raise DatasetError(f"{where}: a {what} with splits {splits}; select one with `{where}@<split>`")
+        return splits[0]
+    if split not in splits:
+        raise DatasetError(f"{where}@{split}: no split {split!r}; the {what} has {splits}")
+    return split
+
+
+def _read_arrow_dataset(folder: str) -> Any:
+    """The table of one `save_to_disk` Dataset folder: the Arrow stream files its state.json lists, in order."""
+    import pyarrow as pa
+
+    try:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            files = [os.path.join(folder, d["filename"]) for d in json.load(f)["_data_files"]]
+        tables = [pa.ipc.open_stream(pa.memory_map(file)).read_all() for file in files]
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        raise DatasetError(f"{folder}: cannot read the saved dataset ({type(e).__name__}: {e})") from None
+    if not tables:
+        raise DatasetError(f"{folder}: the saved dataset lists no data files in state.json")
+    return pa.concat_tables(tables)
+
+
 def _data_files_in(folder: str) -> List[str]:
     return sorted(os.path.join(folder, n) for n in os.listdir(folder)
                   if n.endswith(DATA_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
@@ -216,18 +297,24 @@ def _split_files(folder: str, split: str) -> List[str]:
 
 
 def expand_data_files(files: Union[str, Sequence[str]]) -> List[Tuple[str, Optional[str]]]:
-    """`(data file, split or None)` pairs for a comma-separated list (or a list) of entries (module docstring)."""
+    """`(data file, saved-dataset folder or Hub id; split or None)` pairs for a comma-separated list (or a list) of
+    entries (module docstring)."""
     entries = [e.strip() for e in (files.split(",") if isinstance(files, str) else files) if e and e.strip()]
     if not entries:
         raise DatasetError("no data files given (dataset.train_files / val_files is empty)")
     out: List[Tuple[str, Optional[str]]] = []
     for entry in entries:
+        if parse_dataset_id(entry) is not None:
+            out.append((entry, None))  # the split is part of the id
+            continue
         path, split = entry, None
         if not os.path.exists(entry) and "@" in entry:
             path, split = entry.rsplit("@", 1)
         if not os.path.exists(path):
             raise DatasetError(f"data file {entry!r} does not exist")
-        if os.path.isdir(path):
+        if os.path.isdir(path) and _is_saved_dataset(path):
+            out.append((path, split))
+        elif os.path.isdir(path):
             found = _data_files_in(path) if split is None else _split_files(path, split)
             if not found:
                 what = "data files" if split is None else f"files of split {split!r}"

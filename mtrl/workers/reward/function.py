@@ -11,25 +11,32 @@ Two forms are accepted:
 
       def reward_function(data_dict, **kwargs) -> tuple[float, dict[str, float]]
 
-  `data_dict` has `prompt`, `response`, `ground_truth` ("" when the dataset has no answer) and
-  `images` (a list of PIL images, possibly empty). A bare number is accepted as `(number, {})`.
+  `data_dict` has `prompt`, `response`, `response_length` (its tokens), `ground_truth` ("" when the
+  dataset has no answer) and `images` (a list of PIL images, possibly empty). A bare number is
+  accepted as `(number, {})`, and a dict with an ``overall`` key as `(overall, the other keys)`:
+  EasyR1's `compute_score(reward_input) -> {"overall": ..., "format": ..., "accuracy": ...}`.
 
-* Batch form, declared by setting the attribute ``batched = True`` on the function, or by naming it
-  ``batch_reward_function``::
+* Batch form, declared by setting the attribute ``batched = True`` on the function, by naming it
+  ``batch_reward_function``, or by `worker.reward.reward_type: batch`::
 
       def reward_function(data_dicts, **kwargs): ...
       reward_function.batched = True
 
-  It receives a list of data_dicts and returns either a list of `(float, dict)` (one per sample, in
-  order) or the columnar `(list_of_floats, dict_of_lists)`. A plain list of numbers also works.
+  It receives a list of data_dicts and returns either a list of per-sample results (any form above,
+  in order; EasyR1's `compute_score(reward_inputs) -> list[dict]` is the dict one) or the columnar
+  `(list_of_floats, dict_of_lists)`. A plain list of numbers also works.
   Under Ray each reward actor calls it on its own contiguous chunk of the batch, not on the whole
   batch (use `worker.reward.num_cpus: 1` when the function must see everything at once).
   Signature inspection is deliberately not used: both forms take one positional argument.
 
+`worker.reward.reward_type` picks the form: `function` (as declared above), `sequential` (per-sample)
+or `batch` (EasyR1's names, so an EasyR1 file needs no `batched` attribute).
+
 When only a file is given, `reward_function` is looked up first and `batch_reward_function` second.
 
 Every sample must give the same metric names; metric values and rewards must be finite real numbers.
-`overall` is reserved (it is the name under which the reward itself is logged: `reward/overall`).
+`overall` is reserved (it is the name under which the reward itself is logged: `reward/overall`): in a
+dict result it is the reward, never a metric.
 Any violation, and any exception raised by the function, is a `RewardError` that names the file, the
 function and the sample (its row index in the batch and short prompt / response excerpts).
 
@@ -51,6 +58,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from mtrl.utils.errors import UserError
 
 DEFAULT_FUNCTION_NAMES = ("reward_function", "batch_reward_function")
+#: `worker.reward.reward_type` values that mean a reward function, and how each calls it (None: as declared).
+FUNCTION_FORMS = {"function": None, "sequential": False, "batch": True}
 RESERVED_METRIC_NAMES = ("overall",)
 
 Scores = List[float]
@@ -161,8 +170,11 @@ def _check_kwargs(fn: Callable, kwargs: Dict[str, Any], label: str) -> None:
 
 
 def load_reward_function(reward_fn_path: str, config_dir: Optional[str] = None,
-                         kwargs: Optional[Dict[str, Any]] = None) -> "RewardFunction":
-    """Load `file.py` or `file.py:function` (see the module docstring for lookup and forms)."""
+                         kwargs: Optional[Dict[str, Any]] = None, form: str = "function") -> "RewardFunction":
+    """Load `file.py` or `file.py:function`; `form` is a `FUNCTION_FORMS` key (see the module docstring)."""
+    if form not in FUNCTION_FORMS:
+        raise RewardError(f"worker.reward.reward_type = {form!r} is not a reward-function form "
+                          f"({', '.join(FUNCTION_FORMS)}).")
     path, name = parse_reward_fn_path(reward_fn_path)
     file = resolve_reward_file(path, config_dir)
     module = load_module(file)
@@ -180,7 +192,9 @@ def load_reward_function(reward_fn_path: str, config_dir: Optional[str] = None,
         raise RewardError(f"Reward function {label} is a {type(fn).__name__}, not a function.")
     kwargs = dict(kwargs or {})
     _check_kwargs(fn, kwargs, label)
-    batched = bool(getattr(fn, "batched", False)) or found == "batch_reward_function"
+    batched = FUNCTION_FORMS[form]
+    if batched is None:
+        batched = bool(getattr(fn, "batched", False)) or found == "batch_reward_function"
     return RewardFunction(fn=fn, file=file, name=found, batched=batched, kwargs=kwargs)
 
 
@@ -257,9 +271,11 @@ class RewardFunction:
                               f"{_where_in_file(e.__traceback__, self.file)} on samples {offset}..{last} "
                               f"(first: {self._sample(samples, offset, 0)}).") from e
         n = len(samples)
-        expected = ("a list of (reward, metrics) pairs, (list of rewards, dict of metric lists) or a list of "
+        expected = ("a list of (reward, metrics) pairs or of {'overall': ...} dicts, (list of rewards, dict of "
+                    "metric lists) or a list of "
                     f"rewards, with one entry per sample ({n})")
-        if _is_pair(result) and _real(result[0]) is None and hasattr(result[0], "__len__"):
+        if _is_pair(result) and _real(result[0]) is None and not isinstance(result[0], dict) \
+                and hasattr(result[0], "__len__"):
             # Columnar: (rewards, {name: values}). A row-form result never has a dict second element.
             return self._columns_to_rows(result, samples, offset, expected)
         if not isinstance(result, (list, tuple)) and not hasattr(result, "tolist"):
@@ -294,11 +310,18 @@ class RewardFunction:
         """One sample's result -> (finite float, {name: finite float}), or a RewardError naming the sample."""
         if _real(result) is not None:
             result = (result, {})
+        elif isinstance(result, dict):
+            if "overall" not in result:
+                raise RewardError(f"Reward function {self.label} returned a dict without an 'overall' key (keys: "
+                                  f"{sorted(map(str, result))}); a dict result gives the reward as 'overall' and "
+                                  f"metrics under its other keys. On {self._sample(samples, offset, i)}.")
+            result = (result["overall"], {k: v for k, v in result.items() if k != "overall"})
         if not _is_pair(result):
             shown = repr(result)
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise RewardError(f"Reward function {self.label} must return (reward: float, metrics: dict); got "
-                              f"{type(result).__name__} {shown} for {self._sample(samples, offset, i)}.")
+                              f"{type(result).__name__} {shown} for {self._sample(samples, offset, i)} (a dict "
+                              f"with an 'overall' key works too).")
         score = _real(result[0])
         if score is None:
             raise RewardError(f"Reward function {self.label} returned a reward of type {type(result[0]).__name__} "

@@ -20,7 +20,8 @@ a syntax error, a missing function or bad `reward_fn_kwargs` fail at start-up wi
 instead of inside an actor. (A file with import-time side effects therefore runs them once more.)
 
 Inputs read from the batch (docs/DATA_LAYOUT.md): non_tensors `raw_prompt`, `response_text`,
-`ground_truth` (optional, default ""), `images` (optional, default []).
+`ground_truth` (optional, default ""), `images` (optional, default []); `response_length` (EasyR1's key)
+counts the tensor `response_mask` (None without it).
 """
 
 import os
@@ -32,7 +33,8 @@ import torch
 
 from mtrl.config.worker import RewardConfig
 from mtrl.protocol import DataBatch
-from mtrl.workers.reward.function import Metrics, RewardError, RewardFunction, Scores, load_reward_function
+from mtrl.workers.reward.function import (FUNCTION_FORMS, Metrics, RewardError, RewardFunction, Scores,
+                                          load_reward_function)
 from mtrl.workers.reward.worker import RewardWorker
 
 REQUIRED_FIELDS = ("raw_prompt", "response_text")
@@ -42,7 +44,7 @@ ACTOR_START_TIMEOUT_S = 120.0
 
 
 def batch_to_samples(batch: DataBatch) -> List[Dict[str, Any]]:
-    """The reward functions' `data_dict`s (prompt, response, ground_truth, images), one per batch row."""
+    """The reward functions' `data_dict`s (prompt, response, response_length, ground_truth, images), one per row."""
     missing = [k for k in REQUIRED_FIELDS if k not in batch.non_tensors]
     if missing:
         raise RewardError(f"Cannot compute rewards: the batch has no non-tensor field(s) {missing} "
@@ -51,6 +53,8 @@ def batch_to_samples(batch: DataBatch) -> List[Dict[str, Any]]:
     prompts, responses = batch.non_tensors["raw_prompt"], batch.non_tensors["response_text"]
     truths = batch.non_tensors.get("ground_truth")
     images = batch.non_tensors.get("images")
+    mask = batch.tensors.get("response_mask")
+    lengths = [int(x) for x in mask.sum(-1).tolist()] if mask is not None else [None] * n
     samples = []
     for i in range(n):
         truth = truths[i] if truths is not None else None
@@ -58,6 +62,7 @@ def batch_to_samples(batch: DataBatch) -> List[Dict[str, Any]]:
         samples.append({
             "prompt": prompts[i],
             "response": responses[i],
+            "response_length": lengths[i],
             "ground_truth": "" if truth is None else truth,
             "images": [] if imgs is None else list(imgs),
         })
@@ -106,8 +111,8 @@ class RewardManager:
 
     def __init__(self, config: RewardConfig, config_dir: Optional[str] = None, *, use_ray: Optional[bool] = None):
         """`use_ray`: None = use Ray when it is initialised (checked at each `compute`); True / False forces."""
-        if config.reward_type != "function":
-            raise RewardError(f"RewardManager handles worker.reward.reward_type=function; got "
+        if config.reward_type not in FUNCTION_FORMS:
+            raise RewardError(f"RewardManager handles worker.reward.reward_type=function, sequential or batch; got "
                               f"{config.reward_type!r} (reward models are served elsewhere).")
         if not config.reward_fn_path:
             raise RewardError("worker.reward.reward_fn_path is not set: give `file.py` or `file.py:function`.")
@@ -117,7 +122,7 @@ class RewardManager:
             raise RewardError(f"worker.reward.timeout_s = {config.timeout_s} must be > 0.")
         self.config = config
         self.reward_fn: RewardFunction = load_reward_function(config.reward_fn_path, config_dir,
-                                                              config.reward_fn_kwargs)
+                                                              config.reward_fn_kwargs, config.reward_type)
         self.use_ray = use_ray
         self._actors: Optional[List[Any]] = None
 
@@ -166,7 +171,8 @@ class RewardManager:
 
         actor_cls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=_actor_runtime_env())(RewardWorker)
         spec = f"{self.reward_fn.file}:{self.reward_fn.name}"
-        actors = [actor_cls.remote(spec, self.reward_fn.kwargs) for _ in range(self.config.num_cpus)]
+        form = "batch" if self.reward_fn.batched else "sequential"  # as resolved here, whatever the file declares
+        actors = [actor_cls.remote(spec, self.reward_fn.kwargs, form) for _ in range(self.config.num_cpus)]
         start_timeout = max(ACTOR_START_TIMEOUT_S, self.config.timeout_s)
         try:
             ray.get([a.ready.remote() for a in actors], timeout=start_timeout)

@@ -11,8 +11,8 @@ from mtrl.workers.reward.function import Metrics, Scores, load_reward_function
 class RewardWorker:
     """Loads the reward function from its resolved absolute `file.py:function` and scores chunks."""
 
-    def __init__(self, file_spec: str, kwargs: Dict[str, Any]):
-        self.reward_fn = load_reward_function(file_spec, None, kwargs)
+    def __init__(self, file_spec: str, kwargs: Dict[str, Any], form: str):
+        self.reward_fn = load_reward_function(file_spec, None, kwargs, form)
 
     def ready(self) -> bool:
         return True
