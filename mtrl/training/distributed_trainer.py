@@ -60,7 +60,7 @@ class DistributedTrainer(Trainer):
         train_set = build_mixed_dataset(d.train_files, lambda files: build_dataset(files, d, self.tokenizer,
                                                                                    self.processor, self.model_config),
                                         d.mix_strategy, d.file_weights, d.seed)
-        return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+        return self.train_dataloader(train_set)
 
     def _build_rewards(self):
         """Rule-based rewards (RewardManager) or, with `worker.reward.reward_type=model`, a reward model

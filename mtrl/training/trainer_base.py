@@ -38,6 +38,7 @@ from mtrl.training.paths import absolutize_paths
 from mtrl.training.signals import StopFlag, StopRequested, stop_on_signals
 from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
 from mtrl.utils.checkpoint import rng_state, set_rng_state
+from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.errors import UserError
 from mtrl.utils.seqlen_balancing import partition_stats, update_layout
 from mtrl.utils.tracking import Tracker
@@ -90,6 +91,14 @@ class Trainer:
 
     def build_val_loader(self):
         return None
+
+    def train_dataloader(self, dataset):
+        """Batches of `dataset.rollout_batch_size` rows for training. An epoch's last partial batch is dropped,
+        shuffled or not: a full batch is whole mini-batches (`global_batch_size` divides it) that split evenly
+        over the workers (checked at config time), so every rank runs the same number of optimizer steps. A
+        short batch would give some ranks one step fewer, and FSDP would hang on the others' collectives."""
+        d = self.config.dataset
+        return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed, drop_last=True)
 
     def init_workers(self) -> None:
         raise NotImplementedError
@@ -217,16 +226,17 @@ class Trainer:
         return out.index(slice(0, len(batch) * (len(out) // len(padded))))
 
     def _rank_order(self, batch: DataBatch, rows_per_mini_batch: int, group_size: int = 1,
-                    metrics: Optional[Dict[str, float]] = None) -> Optional[List[int]]:
+                    metrics: Optional[Dict[str, float]] = None) -> List[int]:
         """The dispatch order that gives every rank its share of each update mini-batch (`update_layout`):
         mini-batch k is rows k * rows_per_mini_batch ... of the batch whatever the worker count, so the
         update does not depend on it. With dynamic batching each mini-batch is also token-balanced
-        across ranks (`perf/rank_tokens_*` in `metrics`). None when the rows cannot be split evenly."""
+        across ranks (`perf/rank_tokens_*` in `metrics`). Raises ValueError when the rows cannot be split
+        evenly (the training loaders and the config checks rule that out)."""
         world = self.config.training.world_size
         lengths = batch.tensors["attention_mask"].sum(-1).tolist()
         balance = self.config.worker.actor.dynamic_batching
         order = update_layout(lengths, rows_per_mini_batch, world, group_size, balance=balance)
-        if order is not None and balance and metrics is not None:
+        if balance and metrics is not None:
             share = len(order) // world
             stats = partition_stats(lengths, [order[r * share:(r + 1) * share] for r in range(world)])
             metrics.update({f"perf/rank_tokens_{k}": float(v) for k, v in stats.items()})

@@ -62,6 +62,8 @@ class DatasetConfig:
     max_pixels: int = 4194304
     max_prompt_length: int = 512
     max_response_length: int = 512
+    # Prompts (rows) per training step; an epoch's last partial batch is dropped, shuffled or not (every rank
+    # must run the same number of optimizer steps).
     rollout_batch_size: int = 256
     val_batch_size: int = 64
     shuffle: bool = True
