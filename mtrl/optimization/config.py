@@ -81,7 +81,9 @@ class OptimizationConfig:
 
     # TPRL perception pass: patch blackening of every image, then token visual dependency.
     dependency_estimator: str = "sampled_k3"
-    perception_patch_size: int = 14
+    # Side of a blackened cell in pixels: a multiple of the vision patch (14 for Qwen2/2.5-VL, 16 for
+    # Qwen3-VL); null = the model's own patch size.
+    perception_patch_size: Optional[int] = None
     perception_mask_prob: float = 0.5
 
     # TPRL trajectory advantage shaping (TAS).

@@ -26,6 +26,7 @@ from mtrl.training.trainer_base import Trainer, uses_gpu
 from mtrl.training.training_config import MTRLConfig
 from mtrl.training.worker_run_config import build_worker_run_config
 from mtrl.utils.dataset import build_dataloader, build_dataset
+from mtrl.workers.actor.perception import patches_per_cell
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
 
 
@@ -34,8 +35,11 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
         super().__init__(config, export_dir)
-        self.rewards = self._build_rewards()
         opt = config.optimization
+        image_processor = getattr(self.processor, "image_processor", None)
+        if opt.needs_perception_pass and image_processor is not None:  # fail here, not in a worker's first step
+            patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
+        self.rewards = self._build_rewards()
         self.use_critic = opt.advantage_estimator == "gae" and not config.training.val_only
         self.use_reference = not opt.disable_divergence and not config.training.val_only
         self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
@@ -183,7 +187,7 @@ class DistributedTrainer(Trainer):
             return batch
         wanted = len(prompts) * self.config.worker.rollout.n
         kept, tries = [self._filter_groups(batch)], 1
-        while sum(len(b) for b in kept) < wanted and tries < opt.max_filter_tries:
+        while sum(len(b) for b in kept) < wanted and tries < opt.max_filter_tries and not self._data_spent():
             kept.append(self._filter_groups(self._generate_and_score(self._next_prompts(), {})))
             tries += 1
         batch_kept = DataBatch.concat([b for b in kept if len(b)] or [batch])

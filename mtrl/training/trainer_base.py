@@ -147,13 +147,14 @@ class Trainer:
         if t.val_only:
             return last_val
         self._stop_if_asked(resumed)  # a signal during set-up: the resumed state is already on disk
-        for epoch in range(self.train_loader.epoch, t.total_epochs):  # a resumed run continues its epoch
+        while not self._training_done():  # a resumed run continues its epoch
             for batch in self.train_loader:
-                if self.global_step >= self.total_steps:
-                    break
+                # The loader's epoch, not a loop counter: a step may draw further prompts (online filtering)
+                # and so move the loader into the next epoch.
+                epoch = self.train_loader.epoch
                 self.global_step += 1
                 metrics = self.train_step(batch)
-                last_step = self.global_step == self.total_steps
+                last_step = self._training_done()
                 if self.val_loader is not None and t.val_freq > 0 and (self.global_step % t.val_freq == 0
                                                                        or last_step):
                     last_val = self.validate()
@@ -166,11 +167,20 @@ class Trainer:
                     metrics["timing/save_checkpoint"] = self.timing["timing/save_checkpoint"]
                 self.tracker.log(metrics, step=self.global_step)
                 self._stop_if_asked(saved)
+                if last_step:
+                    break
         if self.export_dir:
             start = time.perf_counter()
             self.export(self.export_dir)
             print(f"[mtrl] exported the model to {self.export_dir} ({time.perf_counter() - start:.1f} s)")
         return last_val
+
+    def _data_spent(self) -> bool:
+        """`total_epochs` of training data handed out (steps that draw extra prompts spend it in fewer steps)."""
+        return self.train_loader.state_dict()["epoch"] >= self.config.training.total_epochs
+
+    def _training_done(self) -> bool:
+        return self.global_step >= self.total_steps or self._data_spent()
 
     def save_checkpoint(self) -> str:
         return self.checkpoints.save(self.global_step, self.worker_groups(), self.state_dict())

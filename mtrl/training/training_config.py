@@ -325,7 +325,8 @@ def validate_config(config: MTRLConfig) -> None:
     for key in ("top_p_entropy_tokens", "top_p_perception_tokens", "trajectory_scaling_min"):
         _range(f"optimization.{key}", getattr(o, key), 0, 1, low_open=True)
     _range("optimization.perception_mask_prob", o.perception_mask_prob, 0, 1, low_open=True, high_open=True)
-    _positive("optimization.perception_patch_size", o.perception_patch_size)
+    if o.perception_patch_size is not None:
+        _positive("optimization.perception_patch_size", o.perception_patch_size)
     if o.trajectory_scaling_max is not None and o.trajectory_scaling_max < o.trajectory_scaling_min:
         raise ConfigError(f"`optimization.trajectory_scaling_max` = {o.trajectory_scaling_max} must be >= "
                           f"`optimization.trajectory_scaling_min` = {o.trajectory_scaling_min} (or null).")

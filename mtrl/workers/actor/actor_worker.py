@@ -21,7 +21,7 @@ from mtrl.utils import checkpoint
 from mtrl.utils.rope import compute_position_ids
 from mtrl.workers import fsdp_utils
 from mtrl.utils.seeding import sample_seed
-from mtrl.workers.actor.perception import perturb_images
+from mtrl.workers.actor.perception import patches_per_cell, perturb_images
 from mtrl.workers.fsdp_worker import FSDPWorker
 from mtrl.workers.rollout import SamplingParams, check_engine_available
 from mtrl.workers.rollout.hf_engine import HFRolloutEngine
@@ -136,13 +136,10 @@ class ActorRolloutRefWorker(FSDPWorker):
         opt = self.config.optimization
         image_processor = self.processor.image_processor
         step = mb.meta.get("global_step", 0)
-        patch = image_processor.patch_size
-        if opt.perception_patch_size % patch != 0:
-            raise ValueError(f"optimization.perception_patch_size={opt.perception_patch_size} must be a multiple of "
-                             f"the model's vision patch size {patch}.")
+        cells = patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
         return [perturb_images(mm or {}, seed=sample_seed(self.config.seed, step, uid),
                                merge_size=image_processor.merge_size,
-                               patches_per_cell=opt.perception_patch_size // patch, mask_prob=opt.perception_mask_prob,
+                               patches_per_cell=cells, mask_prob=opt.perception_mask_prob,
                                image_mean=image_processor.image_mean, image_std=image_processor.image_std)
                 for mm, uid in zip(vision, mb.non_tensors["sample_uid"])]
 

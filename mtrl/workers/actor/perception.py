@@ -7,11 +7,22 @@ same rows as overwriting the cell's rows with the normalised value of a black pi
 perturbation is applied directly to `pixel_values`, with no image re-processing.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
+from mtrl.utils.errors import UserError
 
+
+def patches_per_cell(perception_patch_size: Optional[int], vision_patch_size: int) -> int:
+    """Vision patches per side of a blackened cell; `perception_patch_size` None = one patch. The driver
+    calls this at start-up (DistributedTrainer) so a mismatch fails before any worker starts."""
+    if perception_patch_size is None:
+        return 1
+    if perception_patch_size % vision_patch_size != 0:
+        raise UserError(f"`optimization.perception_patch_size` = {perception_patch_size} must be a multiple of the "
+                        f"model's vision patch size {vision_patch_size} (or null for the model's own patch size).")
+    return perception_patch_size // vision_patch_size
 
 def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
     """The pixel_values row of an all-black cell: per channel (0 - mean) / std, channel-major."""
