@@ -50,8 +50,9 @@ def open_run(config: MTRLConfig):
     with open(os.path.join(config.training.run_dir, "config.yaml"), "w") as f:
         f.write(config_to_yaml(config))
     model_cfg = config.worker.actor.model
-    tokenizer, processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
+    # The model first: a wrong model_path is then reported as the model's, not as a missing tokenizer.
     model_config = load_model_config(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer, processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
     return tokenizer, processor, model_config
 
 
