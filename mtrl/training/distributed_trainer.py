@@ -147,7 +147,7 @@ class DistributedTrainer(Trainer):
         metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
         batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
             self.entropy_bonus.coefficient(metrics["actor/entropy"])
-        if opt.needs_perception_pass and self._has_images(batch):
+        if opt.needs_perception_pass and self._has_vision(batch):
             with self._timer("perception"):
                 self._perception_pass(batch, order)
         if self.use_reference:
@@ -238,9 +238,10 @@ class DistributedTrainer(Trainer):
         return batch
 
     @staticmethod
-    def _has_images(batch: DataBatch) -> bool:
+    def _has_vision(batch: DataBatch) -> bool:
         vision = batch.non_tensors.get("multi_modal_inputs")
-        return vision is not None and any("pixel_values" in (mm or {}) for mm in vision)
+        return vision is not None and any(key in (mm or {}) for mm in vision
+                                          for key in ("pixel_values", "pixel_values_videos"))
 
     def _perception_pass(self, batch: DataBatch, order: Optional[List[int]]) -> None:
         """The actor's perception pass (perturbed-image log-probs, or exact dependency); po.apply_tprl uses it."""

@@ -135,17 +135,19 @@ class ActorRolloutRefWorker(FSDPWorker):
     def _perturb(self, vision, mb: DataBatch):
         opt = self.config.optimization
         image_processor = self.processor.image_processor
+        video_processor = getattr(self.processor, "video_processor", None) or image_processor
         step = mb.meta.get("global_step", 0)
         cells = patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
         return [perturb_images(mm or {}, seed=sample_seed(self.config.seed, step, uid),
                                merge_size=image_processor.merge_size,
                                patches_per_cell=cells, mask_prob=opt.perception_mask_prob,
-                               image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+                               image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+                               video_mean=video_processor.image_mean, video_std=video_processor.image_std)
                 for mm, uid in zip(vision, mb.non_tensors["sample_uid"])]
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def compute_perception(self, batch: DataBatch) -> DataBatch:
-        """TPRL perception pass: log-probs of the same responses with every image patch-blackened."""
+        """TPRL perception pass: log-probs of the same responses with every image and video frame patch-blackened."""
         temperature = self._temperature(batch)
         with self._actor_resident():
             if self.config.optimization.dependency_estimator == "full_kl":
