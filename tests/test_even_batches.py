@@ -1,7 +1,6 @@
 """Every rank runs the same number of optimizer steps: the training loaders drop an epoch's last partial
 batch (shuffled or not) and the dispatch order refuses a batch that cannot be split evenly."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,8 +28,11 @@ def test_unshuffled_training_drops_the_last_partial_batch(tmp_path, mode):
     from mtrl.training.stages import trainer_class
 
     task = shapes_task()  # 300 training rows: 4 batches of 64 and 44 left over
+    pairs = str(tmp_path / "pairs.jsonl")
     files_key, files = {"rl": ("train_files", f"{task}/train.jsonl"), "sft": ("sft_files", f"{task}/train.jsonl"),
-                        "dpo": ("preference_files", write_preference_pairs(task, out_path=str(tmp_path / "pairs.jsonl")))}[mode]
+                        "dpo": ("preference_files", pairs)}[mode]
+    if mode == "dpo":
+        write_preference_pairs(task, out_path=pairs)
     config = _config(tmp_path, mode, files_key, files)
     trainer = trainer_class(config)(config)
     rows = trainer.config.dataset.rollout_batch_size
@@ -49,7 +51,7 @@ def test_update_layout_refuses_a_batch_that_does_not_split_evenly():
     assert sorted(update_layout([5] * 256, 128, 8)) == list(range(256))
 
 
-def test_rank_order_is_never_none(tmp_path):
+def test_rank_order_refuses_an_uneven_batch():
     trainer = object.__new__(Trainer)
     trainer.config = load_config(["training.n_gpus_per_node=8", "dataset.rollout_batch_size=64",
                                   "worker.actor.global_batch_size=32", "dataset.train_files=x.jsonl"])

@@ -130,3 +130,15 @@ def test_answer_tokens_depend_on_the_image_more_than_template_tokens(process_gro
     answer = mask & ~template
     assert answer.sum() > 0
     assert float(scores[answer].mean()) > 3 * float(scores[template].mean())
+
+
+def test_perception_patch_size_off_the_model_grid_fails_on_the_driver(tmp_path):
+    """Checked when the trainer is built, before any worker starts (Qwen2-VL's 14 on Qwen3-VL's 16)."""
+    from mtrl.training.distributed_trainer import DistributedTrainer
+
+    (tmp_path / "reward.py").write_text("def reward_function(data):\n    return 0.0\n")
+    run = [f"training.save_checkpoint_path={tmp_path / 'run'}", "training.logger=[file]",
+           f"worker.reward.reward_fn_path={tmp_path / 'reward.py'}"]
+    with pytest.raises(UserError, match="multiple of the model's vision patch size 16"):
+        DistributedTrainer(config_for("qwen3_vl", "optimization.perception_patch_size=14", *run))
+    DistributedTrainer(config_for("qwen3_vl", "optimization.perception_patch_size=32", *run)).shutdown()

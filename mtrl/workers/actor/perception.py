@@ -26,6 +26,7 @@ def patches_per_cell(perception_patch_size: Optional[int], vision_patch_size: in
                         f"model's vision patch size {vision_patch_size} (or null for the model's own patch size).")
     return perception_patch_size // vision_patch_size
 
+
 def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
     """The pixel_values row of an all-black cell: per channel (0 - mean) / std, channel-major."""
     channels = len(image_mean)
