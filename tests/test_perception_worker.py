@@ -108,37 +108,25 @@ def test_perception_patch_size_not_on_the_patch_grid_fails_in_the_worker(process
 
 
 def test_answer_tokens_depend_on_the_image_more_than_template_tokens(process_group):
-    """After a brief SFT on the shapes task (the answer is a colour or shape word read off the image), the
-    perturbation moves the answer word's log-prob much more than the end-of-turn token after it."""
-    config = config_for("qwen2_vl")
+    """After a brief SFT on a fixed batch of the shapes task (the same question has different answers, so
+    only the image tells them apart), the perturbation moves the answer word's log-prob much more than that
+    of the end-of-turn token after it."""
+    config = config_for("qwen2_vl", "worker.actor.optim.lr=5e-3")
     worker = start_worker(config)
     d = config.dataset
     sft = build_sft_dataset(d.train_files, d, worker.tokenizer, worker.processor, worker.model_config)
-    loader = build_dataloader(sft, 16, shuffle=True, seed=0)
+    rows = with_sample_uids(next(iter(build_dataloader(sft, 8, shuffle=False))), step=100)
     losses = []
-    for step in range(1, 41):
-        batch = next(iter(loader))
-        batch.meta.update(global_step=step, chord_mu=1.0, chord_phi=False, temperature=1.0, n=1,
-                          samples_per_mini_batch=16)
-        losses.append(worker.update_actor(batch)["expert/sft_loss"])
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    batch = with_sample_uids(next(iter(build_dataloader(sft, 32, shuffle=False))), step=100)
-    _, _, scores, mask = dependency(worker, batch)
+    for step in range(1, 31):
+        rows.meta.update(global_step=step, chord_mu=1.0, chord_phi=False, temperature=1.0, n=1,
+                         samples_per_mini_batch=8)
+        losses.append(worker.update_actor(rows)["expert/sft_loss"])
+    rows.meta.update(global_step=100)
+    _, _, scores, mask = dependency(worker, rows)
     last = mask.long().cumsum(-1).argmax(-1)  # the end-of-turn token closing each answer
     template = torch.zeros_like(mask)
     template[torch.arange(len(mask)), last] = True
     answer = mask & ~template
+    assert losses[-1] < 0.2 * losses[0]
     assert answer.sum() > 0
-    assert float(scores[answer].mean()) > 3 * float(scores[template].mean())
-
-
-def test_perception_patch_size_off_the_model_grid_fails_on_the_driver(tmp_path):
-    """Checked when the trainer is built, before any worker starts (Qwen2-VL's 14 on Qwen3-VL's 16)."""
-    from mtrl.training.distributed_trainer import DistributedTrainer
-
-    (tmp_path / "reward.py").write_text("def reward_function(data):\n    return 0.0\n")
-    run = [f"training.save_checkpoint_path={tmp_path / 'run'}", "training.logger=[file]",
-           f"worker.reward.reward_fn_path={tmp_path / 'reward.py'}"]
-    with pytest.raises(UserError, match="multiple of the model's vision patch size 16"):
-        DistributedTrainer(config_for("qwen3_vl", "optimization.perception_patch_size=14", *run))
-    DistributedTrainer(config_for("qwen3_vl", "optimization.perception_patch_size=32", *run)).shutdown()
+    assert float(scores[answer].mean()) > 20 * float(scores[template].mean())  # about 0.1 against 4e-4
