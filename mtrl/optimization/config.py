@@ -65,7 +65,9 @@ class OptimizationConfig:
     divergence_target: float = 6.0
     divergence_horizon: float = 10000.0
 
-    # Online filtering: drop prompt groups whose mean `filter_key` reward is outside [low, high].
+    # Online filtering: drop prompt groups whose mean `filter_key` reward is outside [low, high]; a step draws
+    # further prompts (at most max_filter_tries generations) from the training data, which so lasts fewer steps
+    # (training ends after total_epochs of data or max_steps, whichever comes first).
     online_filtering: bool = False
     filter_key: str = "overall"
     filter_low: float = 0.01
