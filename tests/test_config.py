@@ -38,7 +38,7 @@ SPEC_DEFAULTS = {
     "optimization.trajectory_scaling_min": 0.8, "optimization.trajectory_scaling_max": None,
     "optimization.use_entropy_penalty": False, "optimization.entropy_penalty_coef": 0.06,
     "optimization.entropy_bonus_coef": 0.0,
-    "optimization.dependency_estimator": "sampled_k3", "optimization.perception_patch_size": 14,
+    "optimization.dependency_estimator": "sampled_k3", "optimization.perception_patch_size": None,
     "optimization.perception_mask_prob": 0.5, "optimization.filter_scope": "sequence",
     "worker.hybrid_engine": True, "worker.actor.model.trust_remote_code": False,
     "worker.actor.model.peft_type": None, "worker.actor.fsdp.sharding_strategy": "FULL_SHARD",

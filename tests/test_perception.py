@@ -55,3 +55,20 @@ def test_perturbation_is_reproducible_and_sample_specific():
     assert torch.equal(a["pixel_values"], b["pixel_values"])
     assert not torch.equal(a["pixel_values"], c["pixel_values"])
     assert perturb_images({}, seed=0, **kw) == {}
+
+
+def test_video_frames_are_perturbed_too():
+    """`pixel_values_videos` rows (per `video_grid_thw`) are blackened like image rows, each temporal patch
+    with its own cells; a sample with an image and a video gets both perturbed."""
+    video, image = torch.randn(2 * 16, 1176), torch.randn(16, 1176)
+    inputs = {"pixel_values_videos": video, "video_grid_thw": torch.tensor([[2, 4, 4]]),
+              "pixel_values": image, "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    out = perturb_images(inputs, seed=5, merge_size=2, patches_per_cell=1, mask_prob=0.5, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3, video_mean=[0.25] * 3, video_std=[0.5] * 3)
+    changed = (out["pixel_values_videos"] != video).any(dim=1)
+    assert 0 < int(changed.sum()) < len(video)
+    assert torch.all(out["pixel_values_videos"][changed] == -0.5)  # (0 - 0.25) / 0.5: the video's own black
+    assert not torch.equal(changed[:16], changed[16:])  # the two temporal patches drop different cells
+    assert torch.equal(out["video_grid_thw"], inputs["video_grid_thw"])
+    image_changed = (out["pixel_values"] != image).any(dim=1)
+    assert image_changed.any() and torch.all(out["pixel_values"][image_changed] == -1.0)

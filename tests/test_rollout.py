@@ -116,3 +116,28 @@ def test_seeded_sampling_draws_from_the_warped_distribution(temperature, top_k, 
     assert torch.equal(freq > 0, expected > 0)
     sigma = (expected * (1 - expected) / draws).sqrt()
     assert bool(((freq - expected).abs() <= 4 * sigma + 1e-9).all()), (freq, expected)
+
+
+def test_micro_batch_size_counts_responses_as_documented(tiny, prompts):
+    """`worker.rollout.micro_batch_size_per_device` counts generated rows (prompts x n), as its comment says."""
+    import inspect
+
+    from mtrl.config.worker import RolloutConfig
+
+    source = inspect.getsource(RolloutConfig)
+    above = source[:source.index("micro_batch_size_per_device:")].rstrip().split("\n")
+    comment = " ".join(line.strip() for line in above[-2:] if line.strip().startswith("#"))
+    assert "x n" in comment and "rows" in comment, comment
+    sizes = []
+
+    class Recording(HFRolloutEngine):
+        def _generate_micro_batch(self, mb, params, seeds):
+            sizes.append(len(mb))
+            return super()._generate_micro_batch(mb, params, seeds)
+
+    engine = Recording(lambda: make_tiny_model("qwen2_vl", seed=123).model, tiny.model.config,
+                       [tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")], tiny.tokenizer.pad_token_id,
+                       torch.device("cpu"), micro_batch_size=4)
+    engine.load_weights(tiny.model.state_dict().items())
+    engine.generate(prompts.select(), SamplingParams(n=3, temperature=1.0, max_new_tokens=2, seed=1))
+    assert sizes == [4, 2]  # 2 prompts x 3 responses = 6 rows in calls of at most 4

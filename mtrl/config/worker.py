@@ -121,7 +121,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.4
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False
-    # Prompts per generate call on each worker; the HF engine pads within a call.
+    # Generated rows per generate call on each worker, i.e. prompts x n (16 with n = 8 is two prompts): what
+    # sets the call's memory. The HF engine pads within a call.
     micro_batch_size_per_device: int = 16
     val_override: ValOverrideConfig = field(default_factory=ValOverrideConfig)
 

@@ -84,7 +84,9 @@ class OptimizationConfig:
     divergence_target: float = 6.0
     divergence_horizon: float = 10000.0
 
-    # Online filtering: drop prompt groups whose mean `filter_key` reward is outside [low, high].
+    # Online filtering: drop prompt groups whose mean `filter_key` reward is outside [low, high]; a step draws
+    # further prompts (at most max_filter_tries generations) from the training data, which so lasts fewer steps
+    # (training ends after total_epochs of data or max_steps, whichever comes first).
     online_filtering: bool = False
     filter_key: str = "overall"
     filter_low: float = 0.01
@@ -100,7 +102,9 @@ class OptimizationConfig:
 
     # TPRL perception pass: patch blackening of every image, then token visual dependency.
     dependency_estimator: str = "sampled_k3"
-    perception_patch_size: int = 14
+    # Side of a blackened cell in pixels: a multiple of the vision patch (14 for Qwen2/2.5-VL, 16 for
+    # Qwen3-VL); null = the model's own patch size.
+    perception_patch_size: Optional[int] = None
     perception_mask_prob: float = 0.5
 
     # TPRL trajectory advantage shaping (TAS).

@@ -26,6 +26,7 @@ from mtrl.training.training_config import MTRLConfig
 from mtrl.training.worker_run_config import build_worker_run_config
 from mtrl.utils.dataset import build_dataloader, build_dataset
 from mtrl.utils.logger import get_logger
+from mtrl.workers.actor.perception import patches_per_cell
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
 
 logger = get_logger(__name__)
@@ -36,8 +37,11 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
         super().__init__(config, export_dir)
-        self.rewards = self._build_rewards()
         opt = config.optimization
+        image_processor = getattr(self.processor, "image_processor", None)
+        if opt.needs_perception_pass and image_processor is not None:  # fail here, not in a worker's first step
+            patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
+        self.rewards = self._build_rewards()
         self.use_critic = opt.advantage_estimator == "gae" and not config.training.val_only
         self.use_reference = not opt.disable_divergence and not config.training.val_only
         self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
@@ -62,7 +66,7 @@ class DistributedTrainer(Trainer):
         train_set = build_mixed_dataset(d.train_files, lambda files: build_dataset(files, d, self.tokenizer,
                                                                                    self.processor, self.model_config),
                                         d.mix_strategy, d.file_weights, d.seed)
-        return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+        return self.train_dataloader(train_set)
 
     def _build_rewards(self):
         """Rule-based rewards (RewardManager) or, with `worker.reward.reward_type=model`, a reward model
@@ -145,7 +149,7 @@ class DistributedTrainer(Trainer):
         metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
         batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
             self.entropy_bonus.coefficient(metrics["actor/entropy"])
-        if opt.needs_perception_pass and self._has_images(batch):
+        if opt.needs_perception_pass and self._has_vision(batch):
             with self._timer("perception"):
                 self._perception_pass(batch, order)
         if self.use_reference:
@@ -185,7 +189,7 @@ class DistributedTrainer(Trainer):
             return batch
         wanted = len(prompts) * self.config.worker.rollout.n
         kept, tries = [self._filter_groups(batch)], 1
-        while sum(len(b) for b in kept) < wanted and tries < opt.max_filter_tries:
+        while sum(len(b) for b in kept) < wanted and tries < opt.max_filter_tries and not self._data_spent():
             kept.append(self._filter_groups(self._generate_and_score(self._next_prompts(), {})))
             tries += 1
         batch_kept = DataBatch.concat([b for b in kept if len(b)] or [batch])
@@ -243,9 +247,10 @@ class DistributedTrainer(Trainer):
         return batch
 
     @staticmethod
-    def _has_images(batch: DataBatch) -> bool:
+    def _has_vision(batch: DataBatch) -> bool:
         vision = batch.non_tensors.get("multi_modal_inputs")
-        return vision is not None and any("pixel_values" in (mm or {}) for mm in vision)
+        return vision is not None and any(key in (mm or {}) for mm in vision
+                                          for key in ("pixel_values", "pixel_values_videos"))
 
     def _perception_pass(self, batch: DataBatch, order: Optional[List[int]]) -> None:
         """The actor's perception pass (perturbed-image log-probs, or exact dependency); po.apply_tprl uses it."""

@@ -54,7 +54,7 @@ class PreferenceTrainer(Trainer):
         d = self.config.dataset
         train_set = build_mixed_dataset(d.preference_files, self._pairs, d.mix_strategy, d.file_weights, d.seed)
         logger.info(f"{self.mode}: {len(train_set)} preference pairs from {d.preference_files}")
-        return build_dataloader(train_set, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+        return self.train_dataloader(train_set)
 
     def build_val_loader(self):
         d = self.config.dataset

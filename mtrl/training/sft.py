@@ -25,7 +25,6 @@ from mtrl.protocol import DataBatch
 from mtrl.training.distributed_trainer import DistributedTrainer, length_metrics, mean_over_ranks, throughput_metrics
 from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.data_mixing import build_mixed_dataset
-from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.logger import get_logger
 from mtrl.utils.sft_dataset import build_sft_dataset
 from mtrl.workers.reward import RewardManager
@@ -55,7 +54,7 @@ class SFTTrainer(DistributedTrainer):
                                                                                    self.processor, self.model_config),
                                       d.mix_strategy, d.file_weights, d.seed)
         logger.info(f"SFT data: {len(dataset)} rows from {d.sft_files}")
-        return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed)
+        return self.train_dataloader(dataset)
 
     def _build_rewards(self):
         if self.config.worker.reward.reward_fn_path and self.config.worker.reward.reward_type != "model":

@@ -38,6 +38,7 @@ from mtrl.training.paths import absolutize_paths
 from mtrl.training.signals import StopFlag, StopRequested, stop_on_signals
 from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
 from mtrl.utils.checkpoint import rng_state, set_rng_state
+from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.errors import UserError
 from mtrl.utils.logger import get_logger
 from mtrl.utils.seqlen_balancing import partition_stats, update_layout
@@ -52,8 +53,9 @@ def open_run(config: MTRLConfig):
     with open(os.path.join(config.training.run_dir, "config.yaml"), "w") as f:
         f.write(config_to_yaml(config))
     model_cfg = config.worker.actor.model
-    tokenizer, processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
+    # The model first: a wrong model_path is then reported as the model's, not as a missing tokenizer.
     model_config = load_model_config(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer, processor = load_processor(model_cfg.tokenizer_path or model_cfg.model_path)
     return tokenizer, processor, model_config
 
 
@@ -93,6 +95,14 @@ class Trainer:
 
     def build_val_loader(self):
         return None
+
+    def train_dataloader(self, dataset):
+        """Batches of `dataset.rollout_batch_size` rows for training. An epoch's last partial batch is dropped,
+        shuffled or not: a full batch is whole mini-batches (`global_batch_size` divides it) that split evenly
+        over the workers (checked at config time), so every rank runs the same number of optimizer steps. A
+        short batch would give some ranks one step fewer, and FSDP would hang on the others' collectives."""
+        d = self.config.dataset
+        return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed, drop_last=True)
 
     def init_workers(self) -> None:
         raise NotImplementedError
@@ -141,13 +151,14 @@ class Trainer:
         if t.val_only:
             return last_val
         self._stop_if_asked(resumed)  # a signal during set-up: the resumed state is already on disk
-        for epoch in range(self.train_loader.epoch, t.total_epochs):  # a resumed run continues its epoch
+        while not self._training_done():  # a resumed run continues its epoch
             for batch in self.train_loader:
-                if self.global_step >= self.total_steps:
-                    break
+                # The loader's epoch, not a loop counter: a step may draw further prompts (online filtering)
+                # and so move the loader into the next epoch.
+                epoch = self.train_loader.epoch
                 self.global_step += 1
                 metrics = self.train_step(batch)
-                last_step = self.global_step == self.total_steps
+                last_step = self._training_done()
                 if self.val_loader is not None and t.val_freq > 0 and (self.global_step % t.val_freq == 0
                                                                        or last_step):
                     last_val = self.validate()
@@ -160,11 +171,20 @@ class Trainer:
                     metrics["timing/save_checkpoint"] = self.timing["timing/save_checkpoint"]
                 self.tracker.log(metrics, step=self.global_step)
                 self._stop_if_asked(saved)
+                if last_step:
+                    break
         if self.export_dir:
             start = time.perf_counter()
             self.export(self.export_dir)
             print(f"[mtrl] exported the model to {self.export_dir} ({time.perf_counter() - start:.1f} s)")
         return last_val
+
+    def _data_spent(self) -> bool:
+        """`total_epochs` of training data handed out (steps that draw extra prompts spend it in fewer steps)."""
+        return self.train_loader.state_dict()["epoch"] >= self.config.training.total_epochs
+
+    def _training_done(self) -> bool:
+        return self.global_step >= self.total_steps or self._data_spent()
 
     def save_checkpoint(self) -> str:
         return self.checkpoints.save(self.global_step, self.worker_groups(), self.state_dict())
@@ -220,16 +240,17 @@ class Trainer:
         return out.index(slice(0, len(batch) * (len(out) // len(padded))))
 
     def _rank_order(self, batch: DataBatch, rows_per_mini_batch: int, group_size: int = 1,
-                    metrics: Optional[Dict[str, float]] = None) -> Optional[List[int]]:
+                    metrics: Optional[Dict[str, float]] = None) -> List[int]:
         """The dispatch order that gives every rank its share of each update mini-batch (`update_layout`):
         mini-batch k is rows k * rows_per_mini_batch ... of the batch whatever the worker count, so the
         update does not depend on it. With dynamic batching each mini-batch is also token-balanced
-        across ranks (`perf/rank_tokens_*` in `metrics`). None when the rows cannot be split evenly."""
+        across ranks (`perf/rank_tokens_*` in `metrics`). Raises ValueError when the rows cannot be split
+        evenly (the training loaders and the config checks rule that out)."""
         world = self.config.training.world_size
         lengths = batch.tensors["attention_mask"].sum(-1).tolist()
         balance = self.config.worker.actor.dynamic_batching
         order = update_layout(lengths, rows_per_mini_batch, world, group_size, balance=balance)
-        if order is not None and balance and metrics is not None:
+        if balance and metrics is not None:
             share = len(order) // world
             stats = partition_stats(lengths, [order[r * share:(r + 1) * share] for r in range(world)])
             metrics.update({f"perf/rank_tokens_{k}": float(v) for k, v in stats.items()})

@@ -62,6 +62,8 @@ class DatasetConfig:
     max_pixels: int = 4194304
     max_prompt_length: int = 512
     max_response_length: int = 512
+    # Prompts (rows) per training step; an epoch's last partial batch is dropped, shuffled or not (every rank
+    # must run the same number of optimizer steps).
     rollout_batch_size: int = 256
     val_batch_size: int = 64
     shuffle: bool = True
@@ -323,7 +325,8 @@ def validate_config(config: MTRLConfig) -> None:
     for key in ("top_p_entropy_tokens", "top_p_perception_tokens", "trajectory_scaling_min"):
         _range(f"optimization.{key}", getattr(o, key), 0, 1, low_open=True)
     _range("optimization.perception_mask_prob", o.perception_mask_prob, 0, 1, low_open=True, high_open=True)
-    _positive("optimization.perception_patch_size", o.perception_patch_size)
+    if o.perception_patch_size is not None:
+        _positive("optimization.perception_patch_size", o.perception_patch_size)
     if o.trajectory_scaling_max is not None and o.trajectory_scaling_max < o.trajectory_scaling_min:
         raise ConfigError(f"`optimization.trajectory_scaling_max` = {o.trajectory_scaling_max} must be >= "
                           f"`optimization.trajectory_scaling_min` = {o.trajectory_scaling_min} (or null).")

@@ -152,7 +152,9 @@ class _Table:
                 try:
                     self._rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DatasetError(f"{RowSource(path, number)}: invalid JSON: {e}") from None
+                    # e's own position counts within this line only ("line 1"): give the column alone.
+                    raise DatasetError(f"{RowSource(path, number)}: invalid JSON at column {e.colno}: "
+                                       f"{e.msg}") from None
                 self._numbers.append(number)
 
     def _read_json(self, path: str, split: Optional[str]) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
@@ -275,7 +275,7 @@ def partition_stats(seq_lens: Sequence[int], partitions: Sequence[Sequence[int]]
 # Update layout: the same mini-batches whatever the number of ranks
 # ----------------------------------------------------------------------------------------------
 def update_layout(seq_lens: Sequence[int], rows_per_mini_batch: int, world_size: int, group_size: int = 1,
-                  balance: bool = True) -> Optional[List[int]]:
+                  balance: bool = True) -> List[int]:
     """Row order that makes a data-parallel update see the same mini-batches for any ``world_size``.
 
     Mini-batch k of the update is rows ``k * rows_per_mini_batch ...`` of the batch in its own order. The
@@ -283,13 +283,14 @@ def update_layout(seq_lens: Sequence[int], rows_per_mini_batch: int, world_size:
     ``rows_per_mini_batch / world_size`` rows, so the share must hold, in order, rank r's part of
     mini-batch 0, of mini-batch 1, ... That is this order (rank-major). Each mini-batch is split into
     equal parts, token-balanced across ranks with ``balance``; ``group_size`` rows that belong together
-    (a chosen/rejected pair) stay together. Returns None when a mini-batch cannot be split evenly
-    (then no order gives every rank the same mini-batches).
+    (a chosen/rejected pair) stay together. Raises ValueError when the batch is not whole mini-batches
+    that split evenly (then no order gives every rank the same mini-batches and the same number of steps).
     """
     n = len(seq_lens)
     unit = group_size * world_size
-    if rows_per_mini_batch % unit or n % unit:
-        return None
+    if rows_per_mini_batch % unit or n % rows_per_mini_batch:
+        raise ValueError(f"a batch of {n} rows in mini-batches of {rows_per_mini_batch} rows does not split into "
+                         f"whole mini-batches of {group_size}-row groups shared evenly by {world_size} workers")
     per_rank: List[List[int]] = [[] for _ in range(world_size)]
     for start in range(0, n, rows_per_mini_batch):
         groups = list(range(start, min(start + rows_per_mini_batch, n), group_size))

@@ -21,7 +21,7 @@ from mtrl.utils import checkpoint
 from mtrl.utils.rope import compute_position_ids
 from mtrl.workers import fsdp_utils
 from mtrl.utils.seeding import sample_seed
-from mtrl.workers.actor.perception import perturb_images
+from mtrl.workers.actor.perception import patches_per_cell, perturb_images
 from mtrl.workers.fsdp_worker import FSDPWorker
 from mtrl.workers.rollout import SamplingParams, check_engine_available
 from mtrl.workers.rollout.hf_engine import HFRolloutEngine
@@ -135,20 +135,19 @@ class ActorRolloutRefWorker(FSDPWorker):
     def _perturb(self, vision, mb: DataBatch):
         opt = self.config.optimization
         image_processor = self.processor.image_processor
+        video_processor = getattr(self.processor, "video_processor", None) or image_processor
         step = mb.meta.get("global_step", 0)
-        patch = image_processor.patch_size
-        if opt.perception_patch_size % patch != 0:
-            raise ValueError(f"optimization.perception_patch_size={opt.perception_patch_size} must be a multiple of "
-                             f"the model's vision patch size {patch}.")
+        cells = patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
         return [perturb_images(mm or {}, seed=sample_seed(self.config.seed, step, uid),
                                merge_size=image_processor.merge_size,
-                               patches_per_cell=opt.perception_patch_size // patch, mask_prob=opt.perception_mask_prob,
-                               image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+                               patches_per_cell=cells, mask_prob=opt.perception_mask_prob,
+                               image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+                               video_mean=video_processor.image_mean, video_std=video_processor.image_std)
                 for mm, uid in zip(vision, mb.non_tensors["sample_uid"])]
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def compute_perception(self, batch: DataBatch) -> DataBatch:
-        """TPRL perception pass: log-probs of the same responses with every image patch-blackened."""
+        """TPRL perception pass: log-probs of the same responses with every image and video frame patch-blackened."""
         temperature = self._temperature(batch)
         with self._actor_resident():
             if self.config.optimization.dependency_estimator == "full_kl":

@@ -1,16 +1,30 @@
-"""The TPRL perception pass input: images with random patch_size x patch_size cells blackened (SPEC 5.1).
+"""The TPRL perception pass input: images and video frames with random patch_size x patch_size cells
+blackened (SPEC 5.1).
 
 Qwen-VL processors turn an image into rows of `pixel_values`, one row per (patch x patch) cell
 (times `temporal_patch_size` copies of the frame), in the order (t, h/m, w/m, m, m) with m the
 spatial merge size. Blackening a cell in the image and re-running the processor gives exactly the
 same rows as overwriting the cell's rows with the normalised value of a black pixel, so the
-perturbation is applied directly to `pixel_values`, with no image re-processing.
+perturbation is applied directly to `pixel_values`, with no image re-processing. Videos are laid out
+the same way in `pixel_values_videos` (per `video_grid_thw`), each temporal patch getting its own cells.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
+from mtrl.utils.errors import UserError
+
+
+def patches_per_cell(perception_patch_size: Optional[int], vision_patch_size: int) -> int:
+    """Vision patches per side of a blackened cell; `perception_patch_size` None = one patch. The driver
+    calls this at start-up (DistributedTrainer) so a mismatch fails before any worker starts."""
+    if perception_patch_size is None:
+        return 1
+    if perception_patch_size % vision_patch_size != 0:
+        raise UserError(f"`optimization.perception_patch_size` = {perception_patch_size} must be a multiple of the "
+                        f"model's vision patch size {vision_patch_size} (or null for the model's own patch size).")
+    return perception_patch_size // vision_patch_size
 
 
 def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
@@ -48,14 +62,18 @@ def blacken_patches(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *,
 
 def perturb_images(multi_modal_inputs: Dict[str, torch.Tensor], *, seed: int, merge_size: int,
                    patches_per_cell: int, mask_prob: float, image_mean: Sequence[float],
-                   image_std: Sequence[float]) -> Dict[str, torch.Tensor]:
-    """One sample's vision inputs with its images perturbed (videos are left as they are)."""
-    if "pixel_values" not in multi_modal_inputs:
-        return multi_modal_inputs
-    pixel_values = multi_modal_inputs["pixel_values"]
+                   image_std: Sequence[float], video_mean: Optional[Sequence[float]] = None,
+                   video_std: Optional[Sequence[float]] = None) -> Dict[str, torch.Tensor]:
+    """One sample's vision inputs with its images and video frames perturbed (videos normalised by
+    `video_mean` / `video_std`, by default the images' values)."""
     generator = torch.Generator().manual_seed(seed)
-    black = black_row(pixel_values.shape[1], image_mean, image_std)
-    perturbed = blacken_patches(pixel_values, multi_modal_inputs["image_grid_thw"], merge_size=merge_size,
-                                patches_per_cell=patches_per_cell, mask_prob=mask_prob, black=black,
-                                generator=generator)
-    return {**multi_modal_inputs, "pixel_values": perturbed}
+    out = dict(multi_modal_inputs)
+    for key, grid_key, mean, std in (("pixel_values", "image_grid_thw", image_mean, image_std),
+                                     ("pixel_values_videos", "video_grid_thw", video_mean or image_mean,
+                                      video_std or image_std)):
+        if key in multi_modal_inputs:
+            values = multi_modal_inputs[key]
+            out[key] = blacken_patches(values, multi_modal_inputs[grid_key], merge_size=merge_size,
+                                       patches_per_cell=patches_per_cell, mask_prob=mask_prob,
+                                       black=black_row(values.shape[1], mean, std), generator=generator)
+    return out

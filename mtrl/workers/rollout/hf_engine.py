@@ -51,7 +51,8 @@ class SeededSampling(LogitsProcessor):
 class HFRolloutEngine(RolloutEngine):
     def __init__(self, build_model: Any, model_config: Any, eos_token_ids: List[int], pad_token_id: int,
                  device: torch.device, micro_batch_size: int = 16):
-        """`build_model()` returns an nn.Module with the policy's architecture (weights are overwritten)."""
+        """`build_model()` returns an nn.Module with the policy's architecture (weights are overwritten);
+        `micro_batch_size`: rows (prompts x n) per forward call."""
         self._build_model = build_model
         self.model_config = model_config
         self.eos_token_ids = list(eos_token_ids)
