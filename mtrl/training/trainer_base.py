@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from mtrl.agents.optimizer_step import stop_after_skipped_updates
 from mtrl.models.loader import load_config as load_model_config
 from mtrl.models.loader import load_processor
 from mtrl.protocol import DataBatch
@@ -156,6 +157,7 @@ class Trainer:
                         saved = self.save_checkpoint()
                     metrics["timing/save_checkpoint"] = self.timing["timing/save_checkpoint"]
                 self.tracker.log(metrics, step=self.global_step)
+                stop_after_skipped_updates(metrics, t.max_skipped_updates, self.global_step)
                 self._stop_if_asked(saved)
         if self.export_dir:
             start = time.perf_counter()
