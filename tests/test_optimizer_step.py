@@ -54,3 +54,17 @@ def test_limit_of_skipped_updates_in_a_row_stops_with_a_message():
                                                     r"the loss or the gradient was not finite .*"
                                                     r"training.max_skipped_updates = 5.*find_last_checkpoint=true"):
         stop_after_skipped_updates(metrics, 5, step=3)
+
+
+@pytest.mark.slow
+def test_a_run_whose_updates_stay_non_finite_stops_with_exit_2(tmp_path):
+    """lr=1e30: the first step blows the weights up, every later gradient is NaN; one skip in a row stops it."""
+    from test_checkpoint import run_cli
+
+    proc, rows = run_cli(tmp_path, "nan", "worker.actor.optim.lr=1e30", "training.max_skipped_updates=1",
+                         "training.save_freq=-1", steps=4, expect_rc=2)
+    assert "mtrl: error: Step 2: the last 1 actor optimizer steps were skipped" in proc.stderr
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["actor/skipped_updates"] == 0.0
+    assert rows[1]["actor/skipped_updates"] == 1.0 and rows[1]["actor/skipped_updates_in_a_row"] == 1.0
+    assert "Traceback" not in proc.stderr

@@ -273,7 +273,8 @@ class RewardFunction:
             return scores, metrics, []
         return self._score_tolerantly(samples, where)
 
-    def _score_tolerantly(self, samples: Sequence[Dict[str, Any]], where: SampleNames) -> Tuple[Scores, Metrics, Errors]:
+    def _score_tolerantly(self, samples: Sequence[Dict[str, Any]],
+                          where: SampleNames) -> Tuple[Scores, Metrics, Errors]:
         rows: List[Optional[Tuple[float, Dict]]] = []
         errors: Errors = []
         if self.batched:

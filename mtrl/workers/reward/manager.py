@@ -212,7 +212,8 @@ class RewardManager:
 
         actor_cls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=_actor_runtime_env())(RewardWorker)
         spec = f"{self.reward_fn.file}:{self.reward_fn.name}"
-        actors = [actor_cls.remote(spec, self.reward_fn.kwargs, self.config.on_error) for _ in range(self.config.num_cpus)]
+        actors = [actor_cls.remote(spec, self.reward_fn.kwargs, self.config.on_error)
+                  for _ in range(self.config.num_cpus)]
         start_timeout = max(ACTOR_START_TIMEOUT_S, self.config.timeout_s)
         try:
             ray.get([a.ready.remote() for a in actors], timeout=start_timeout)
