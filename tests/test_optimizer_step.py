@@ -58,13 +58,13 @@ def test_limit_of_skipped_updates_in_a_row_stops_with_a_message():
 
 @pytest.mark.slow
 def test_a_run_whose_updates_stay_non_finite_stops_with_exit_2(tmp_path):
-    """lr=1e30: the first step blows the weights up, every later gradient is NaN; one skip in a row stops it."""
+    """lr=1e30: the first mini-batch's step blows the weights up, every later gradient is NaN (already in step 1,
+    which has several mini-batches); with max_skipped_updates=1 the first skip stops the run after logging it."""
     from test_checkpoint import run_cli
 
     proc, rows = run_cli(tmp_path, "nan", "worker.actor.optim.lr=1e30", "training.max_skipped_updates=1",
                          "training.save_freq=-1", steps=4, expect_rc=2)
-    assert "mtrl: error: Step 2: the last 1 actor optimizer steps were skipped" in proc.stderr
-    assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["actor/skipped_updates"] == 0.0
-    assert rows[1]["actor/skipped_updates"] == 1.0 and rows[1]["actor/skipped_updates_in_a_row"] == 1.0
+    assert "mtrl: error: Step 1: the last 1 actor optimizer steps were skipped" in proc.stderr, proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr
+    assert [r["step"] for r in rows] == [1]
+    assert rows[0]["actor/skipped_updates"] >= 1.0 and rows[0]["actor/skipped_updates_in_a_row"] == 1.0
