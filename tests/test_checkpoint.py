@@ -5,6 +5,7 @@ checkpoint (slow)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -454,3 +455,19 @@ def test_preference_resume_gives_the_same_steps_as_an_uninterrupted_run(workdir,
     assert sorted(os.listdir(run_b / "global_step_2" / "actor")) == [
         "extra_state_rank_0.pt", "extra_state_rank_1.pt", "huggingface", "model", "optim"]
     assert (run_b / "huggingface" / "config.json").is_file()  # exported at the end, as before
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_logs_each_step_once(workdir, resumed_runs):
+    """A run that logged steps 3 and 4 but died before saving global_step_4: resuming from global_step_2
+    drops the crashed run's rows of steps 3-4 from metrics.jsonl and logs them again, once."""
+    crashed = workdir / "runs" / "crashed"
+    shutil.copytree(resumed_runs.b, crashed)
+    shutil.rmtree(crashed / "global_step_4")
+    (crashed / ckpt.TRACKER_FILE).write_text("2\n")
+    _, rows = run_cli(workdir, "crashed", steps=4)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    straight = by_step(resumed_runs.rows_a)
+    for row in rows[2:]:
+        expected = computed_metrics(straight[row["step"]])
+        assert computed_metrics(row) == pytest.approx(expected, abs=1e-6, rel=1e-6)

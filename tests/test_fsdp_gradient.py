@@ -7,6 +7,7 @@ process on an unsharded copy. Both the policy-gradient path (TPRL token mask, ev
 and the SFT path (expert rows) are checked.
 """
 
+import math
 import sys
 
 import pytest
@@ -66,6 +67,35 @@ class ShardedGradientWorker(Worker):
         sharded = [n for n, p in model.named_parameters() if p.to_local().numel() < p.numel()]
         return {"grads": update_gradients(model, batch, loss_agg_mode, micro_batch=1), "sharded": len(sharded)}
 
+    @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    def nan_then_finite_update(self, batch: DataBatch, model_path: str) -> dict:
+        """Two updates with SGD: the given batch (NaN advantages on one rank only), then the same made finite."""
+        from mtrl.config.worker import FSDPConfig
+        from mtrl.workers.fsdp_worker import build_fsdp_model
+
+        self.init_distributed()
+        model = build_fsdp_model(model_path, fsdp=FSDPConfig(mixed_precision_dtype="fp32"), device_type="cpu",
+                                 trainable=True, padding_free=True)
+        agent = ParallelPolicyAgent(ActorConfig(dynamic_batching=False, micro_batch_size_per_device_for_update=1),
+                                    model, torch.device("cpu"), torch.optim.SGD(model.parameters(), lr=0.1))
+
+        def weights():
+            return [p.full_tensor().clone() for p in model.parameters()]
+
+        def update():
+            metrics = agent.update_policy(batch, 1.0, OptimizationConfig(), mini_batch_size=len(batch))
+            return {k: v for k, v in metrics.items() if "skipped" in k or k == "actor/grad_norm"}
+
+        start = weights()
+        nan_metrics = update()
+        after_nan = weights()
+        batch.tensors["advantages"] = torch.nan_to_num(batch.tensors["advantages"], nan=0.5)
+        finite_metrics = update()
+        return {"nan": nan_metrics, "finite": finite_metrics,
+                "unchanged": all(torch.equal(a, b) for a, b in zip(start, after_nan)),
+                "changed": any(not torch.equal(a, b) for a, b in zip(after_nan, weights())),
+                "grads_left": sum(p.grad is not None for p in model.parameters())}
+
 
 @pytest.fixture(scope="module")
 def batch():
@@ -113,3 +143,21 @@ def test_sharded_gradient_equals_unsharded_gradient(batch, workers, loss_agg_mod
         for rank in per_rank:
             torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7 * float(total),
                                        msg=f"{loss_agg_mode}: {name}")
+
+
+def test_non_finite_gradient_on_one_rank_skips_the_step_on_both(batch, workers):
+    rows, model_path = batch
+    rows = rows.index(list(range(ROWS)))  # a copy: the module's batch stays clean
+    advantages = rows.tensors["advantages"].clone()
+    advantages[ROWS // 2] = float("nan")  # an RL row of rank 1's half only
+    rows.tensors["advantages"] = advantages
+    per_rank = workers.nan_then_finite_update(rows, model_path)
+    for rank in per_rank:
+        # Rank 0's own loss was finite: the norm over all shards is not, so it skipped with rank 1.
+        assert rank["unchanged"] and rank["grads_left"] == 0
+        assert rank["nan"]["actor/skipped_updates"] == 1.0 and rank["nan"]["actor/skipped_updates_in_a_row"] == 1.0
+        assert not math.isfinite(rank["nan"]["actor/grad_norm"])
+        # The next, finite, update steps on both ranks and ends the run of skips.
+        assert rank["changed"] and math.isfinite(rank["finite"]["actor/grad_norm"])
+        assert rank["finite"]["actor/skipped_updates"] == 0.0
+        assert rank["finite"]["actor/skipped_updates_in_a_row"] == 0.0

@@ -437,3 +437,97 @@ def test_format_accuracy():
     scores, metrics = fn(samples)
     assert metrics == {"format": [1.0, 1.0, 0.0, 0.0], "accuracy": [1.0, 1.0, 1.0, 0.0]}
     assert scores == pytest.approx([1.0, 1.0, 0.8, 0.0])
+
+
+# ----------------------------------------------------------------------------- faults: raise or score 0 (on_error)
+
+FAULTY_REWARD = """
+import math, os, time
+def reward_function(d):
+    r = d["response"]
+    if r == "raise":
+        raise ValueError("odd sample")
+    if r == "hang":
+        time.sleep(60)
+    if r == "die":
+        os._exit(3)  # the reward process dies (a segfault in a C extension looks the same)
+    bad = {"nan": math.nan, "inf": math.inf, "none": None, "str": "high"}
+    return (bad[r] if r in bad else 1.0), {"acc": 0.5}
+"""
+
+
+def with_uids(batch):
+    batch.non_tensors["sample_uid"] = [f"u{i}/0" for i in range(len(batch))]
+    return batch
+
+
+@pytest.mark.parametrize("response, pattern", [
+    ("raise", r"raised ValueError: odd sample \(line 6: .*\) on sample 1 \(uid u1/0, prompt: 'prompt number 1'"),
+    ("nan", r"returned a non-finite reward nan for sample 1 \(uid u1/0, prompt: 'prompt number 1'"),
+    ("inf", r"returned a non-finite reward inf for sample 1 \(uid u1/0"),
+    ("none", r"returned a reward of type NoneType \(None\); it must be a real number. On sample 1 \(uid u1/0"),
+    ("str", r"returned a reward of type str \('high'\); it must be a real number. On sample 1 \(uid u1/0"),
+])
+def test_each_reward_fault_stops_the_run_naming_function_and_sample(tmp_path, response, pattern):
+    write(tmp_path, "r.py", FAULTY_REWARD)
+    manager = RewardManager(RewardConfig(reward_fn_path="r.py"), str(tmp_path), use_ray=False)
+    with pytest.raises(RewardError, match=f"r.py:reward_function {pattern}"):
+        manager.compute(with_uids(make_batch(["ok", response, "ok"])))
+
+
+def test_on_error_zero_scores_failing_samples_0_and_counts_them(tmp_path, caplog):
+    write(tmp_path, "r.py", FAULTY_REWARD)
+    manager = RewardManager(RewardConfig(reward_fn_path="r.py", on_error="zero"), str(tmp_path), use_ray=False)
+    with caplog.at_level("WARNING"):
+        scores, metrics = manager.compute(with_uids(make_batch(["ok", "raise", "nan", "none", "str", "ok"])))
+    assert scores.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert metrics == {"acc": [0.5, 0.0, 0.0, 0.0, 0.0, 0.5], "errors": [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]}
+    # Logged: the mean reward over all rows, and the count of rows scored 0.
+    assert reward_metrics(scores, metrics) == pytest.approx({"reward/overall": 1 / 3, "reward/acc": 1 / 6,
+                                                            "reward/errors": 4.0})
+    # The first MAX_LOGGED_ERRORS failures are logged in full, the rest counted.
+    assert "scored 0: Reward function" in caplog.text and "sample 1 (uid u1/0" in caplog.text
+    assert "1 more failures in this batch (4 samples scored 0 in all)" in caplog.text
+    clean_scores, clean_metrics = manager.compute(make_batch(["ok"]))
+    assert clean_scores.tolist() == [1.0] and clean_metrics == {"acc": [0.5], "errors": [0.0]}
+
+
+def test_on_error_zero_batch_form_wrong_count_zeroes_the_call_and_bad_value_only_its_sample(tmp_path):
+    write(tmp_path, "b.py", """
+    def reward_function(items):
+        if len(items) == 3:
+            return [1.0, 2.0]
+        return [float("nan") if d["response"] == "bad" else 2.0 for d in items]
+    reward_function.batched = True
+    """)
+    fn = load_reward_function("b.py", str(tmp_path))
+    scores, metrics, errors = fn.score([sample()] * 3, offset=5, on_error="zero")
+    assert scores == [0.0] * 3 and metrics == {} and [row for row, _ in errors] == [5, 6, 7]
+    assert "returned 2 results for 3 samples" in errors[0][1]
+    scores, _, errors = fn.score([sample(), sample(response="bad")], on_error="zero", uids=["a", "b"])
+    assert scores == [2.0, 0.0] and len(errors) == 1 and errors[0][0] == 1 and "(uid b," in errors[0][1]
+    with pytest.raises(RewardError, match="on_error = 'skip' must be one of"):
+        RewardManager(RewardConfig(reward_fn_path=str(tmp_path / "b.py"), on_error="skip"), None)
+
+
+def test_ray_path_hang_and_dead_reward_process_do_not_take_the_trainer_along(tmp_path, ray_cluster):
+    write(tmp_path, "r.py", FAULTY_REWARD)
+    raising = RewardConfig(reward_fn_path="r.py", num_cpus=2, timeout_s=3)
+    with RewardManager(raising, str(tmp_path)) as manager:
+        with pytest.raises(RewardError, match=r"r.py:reward_function did not finish scoring 2 samples within "
+                                              r"worker.reward.timeout_s = 3 s .*still running: samples 1..1, "
+                                              r"first: sample 1 \(uid u1/0"):
+            manager.compute(with_uids(make_batch(["ok", "hang"])))
+        with pytest.raises(RewardError, match=r"Reward actor for .*r.py:reward_function failed \(samples 1..1, "
+                                              r"first: sample 1 \(uid u1/0, prompt: 'prompt number 1'"):
+            manager.compute(with_uids(make_batch(["ok", "die"])))
+        assert manager.compute(make_batch(["ok"]))[0].tolist() == [1.0]  # fresh actors
+    zero = RewardConfig(reward_fn_path="r.py", num_cpus=2, timeout_s=3, on_error="zero")
+    with RewardManager(zero, str(tmp_path)) as manager:
+        # Chunks: rows 0-1 (actor 0) and 2-3 (actor 1); the chunk holding the fault is scored 0.
+        for fault in ("hang", "die"):
+            scores, metrics = manager.compute(with_uids(make_batch(["ok", "ok", fault, "ok"])))
+            assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]
+            assert metrics == {"acc": [0.5, 0.5, 0.0, 0.0], "errors": [0.0, 0.0, 1.0, 1.0]}
+        scores, metrics = manager.compute(make_batch(["ok", "raise", "ok", "ok"]))  # in-actor: only that row
+        assert scores.tolist() == [1.0, 0.0, 1.0, 1.0] and metrics["errors"] == [0.0, 1.0, 0.0, 0.0]

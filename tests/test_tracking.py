@@ -223,3 +223,58 @@ def test_console_stream_can_be_redirected():
     stream = io.StringIO()
     ConsoleBackend(stream=stream).log({"a/b": 1.0}, step=7)
     assert stream.getvalue().startswith("[step 7 | elapsed")
+
+
+# ----------------------------------------------------------------------------- resuming after a crash
+
+
+def crashed_run(run_dir, loggers, steps=range(1, 6)):
+    """A run that logged `steps` (and generations at each) and died without finishing its trackers."""
+    tracker = Tracker(loggers, "proj", "exp", run_dir)
+    for step in steps:
+        tracker.log({"a": float(step)}, step=step)
+        tracker.log_generations([{"prompt": "p", "score": float(step)}], step=step)
+    return tracker
+
+
+def test_file_tracker_resume_drops_the_crashed_runs_rows_after_the_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    crashed_run(run_dir, ["file"]).backends["file"]._metrics.write('{"step": 6, "a"')  # torn by the crash
+    with Tracker(["file"], "proj", "exp", run_dir, resume_step=3) as tracker:  # resumed from global_step_3
+        for step in (4, 5, 6):
+            tracker.log({"a": 10.0 * step}, step=step)
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    assert rows == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}, {"step": 3, "a": 3.0},
+                    {"step": 4, "a": 40.0}, {"step": 5, "a": 50.0}, {"step": 6, "a": 60.0}]
+    assert [r["step"] for r in read_jsonl(os.path.join(run_dir, "generations.jsonl"))] == [1, 2, 3]
+    # Not resuming (a new run in the same folder, as before): rows are appended, nothing dropped.
+    with Tracker(["file"], "proj", "exp", run_dir) as tracker:
+        tracker.log({"a": 0.0}, step=1)
+    assert len(read_jsonl(os.path.join(run_dir, "metrics.jsonl"))) == 7
+
+
+def test_wandb_and_mlflow_resume_the_same_run(offline_env):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = str(offline_env / "run")
+    crashed = crashed_run(run_dir, ["wandb", "mlflow"], steps=(1, 2))
+    first = {name: backend.run_id for name, backend in crashed.backends.items()}
+    crashed.backends["wandb"].run.finish(exit_code=1)  # what wandb's own atexit hook does when the process dies
+    assert json.load(open(os.path.join(run_dir, "tracker_runs.json"))) == first
+    with Tracker(["wandb", "mlflow"], "proj", "exp", run_dir, {"x": 2}, resume_step=2) as resumed:
+        assert {name: backend.run_id for name, backend in resumed.backends.items()} == first
+        resumed.log({"a": 3.0}, step=3)
+    client = MlflowClient(tracking_uri=resumed.backends["mlflow"].tracking_uri)
+    run = client.get_run(first["mlflow"])
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(first["mlflow"], "a")] == [(1, 1.0), (2, 2.0),
+                                                                                            (3, 3.0)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    # Both wandb offline folders belong to the one run id (`wandb sync` joins them).
+    folders = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+    assert len(folders) == 2 and all(f.endswith(f"-{first['wandb']}") for f in folders)
+    # A new run (no resume_step) in the same folder starts new runs and records their ids.
+    with Tracker(["wandb", "mlflow"], "proj", "exp", run_dir) as fresh:
+        new = {name: backend.run_id for name, backend in fresh.backends.items()}
+    assert new["wandb"] != first["wandb"] and new["mlflow"] != first["mlflow"]
+    assert json.load(open(os.path.join(run_dir, "tracker_runs.json"))) == new

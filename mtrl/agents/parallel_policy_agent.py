@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtrl.agents.optimizer_step import clipped_optimizer_step
+from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
 from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
@@ -99,6 +99,7 @@ class ParallelPolicyAgent:
         self.model = model
         self.device = device
         self.optimizer = optimizer
+        self.skipped_updates = SkippedUpdates("actor")
 
     # ------------------------------------------------------------------ forward passes
 
@@ -183,12 +184,13 @@ class ParallelPolicyAgent:
                     (loss * world).backward()
                     for k, v in micro_metrics.items():
                         mini_metrics[k] = mini_metrics.get(k, 0.0) + v
-                record("actor/grad_norm", clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm))
+                record("actor/grad_norm", self.skipped_updates.record(
+                    clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)))
                 # Every metric is a micro-batch's share of a global mean (losses by their normalisers, the
                 # ratio statistics by tokens): summed over ranks it is the mini-batch's value.
                 for k, v in all_reduce_sums(mini_metrics, self.device).items():
                     record(k, v)
-        return {k: sum(v) / len(v) for k, v in sums.items()}
+        return {**{k: sum(v) / len(v) for k, v in sums.items()}, **self.skipped_updates.metrics()}
 
     def _micro_batch_loss(self, mb: DataBatch, temperature: float, opt: OptimizationConfig,
                           norm: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:

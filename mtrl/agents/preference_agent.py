@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mtrl.agents.optimizer_step import clipped_optimizer_step
+from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
 from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
@@ -92,6 +92,7 @@ class PreferenceAgent:
         self.mode, self.config, self.opt = mode, config, opt
         self.model, self.ref_model, self.device, self.optimizer = model, ref_model, device, optimizer
         self.pad_token_id = pad_token_id
+        self.skipped_updates = SkippedUpdates(self._metric_names()[0])
 
     # ------------------------------------------------------------------ per-row scores
 
@@ -153,12 +154,13 @@ class PreferenceAgent:
                     c, r = stats["chosen"].float(), stats["rejected"].float()
                     sums = [a + float(b) for a, b in zip(sums, (losses.detach().sum(), (c > r).float().sum(),
                                                                 (c - r).sum(), c.sum(), r.sum()))]
-                grad_norm = clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)
+                grad_norm = self.skipped_updates.record(clipped_optimizer_step(self.model, self.optimizer,
+                                                                               cfg.max_grad_norm))
                 loss, acc, margin, chosen, rejected = [v / pairs_global for v in _all_reduce(sums, self.device)]
                 for key, value in (("loss", loss), ("accuracy", acc), ("margin", margin), ("chosen", chosen),
                                    ("rejected", rejected), ("grad_norm", grad_norm)):
                     history.setdefault(f"{prefix}/{key}", []).append(value)
-        return {k: sum(v) / len(v) for k, v in history.items()}
+        return {**{k: sum(v) / len(v) for k, v in history.items()}, **self.skipped_updates.metrics()}
 
     @torch.no_grad()
     def evaluate(self, batch: DataBatch) -> DataBatch:

@@ -135,6 +135,9 @@ class RewardConfig:
     num_cpus: int = 1
     reward_model_path: Optional[str] = None
     timeout_s: float = 300.0
+    # raise: a failing reward (exception, non-number, NaN, wrong count, timeout, dead actor) stops the run
+    # naming the sample; zero: that sample scores 0, counted as reward/errors, and the run goes on.
+    on_error: str = "raise"
     # reward_type=model: rows per forward pass of the reward model on each worker.
     micro_batch_size_per_device: int = 8
 

@@ -129,7 +129,7 @@ class CheckpointManager:
             state = json.load(f)
         rng_path = os.path.join(path, ckpt.TRAINER_RNG_FILE)
         if os.path.isfile(rng_path):
-            state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=False)
+            state["rng"] = ckpt.load_torch_file(rng_path)
         saved_world = meta.get("world_size")
         note = f" (saved with {saved_world} workers, now {t.world_size})" \
             if saved_world not in (None, t.world_size) else ""

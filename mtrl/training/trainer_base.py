@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from mtrl.agents.optimizer_step import stop_after_skipped_updates
 from mtrl.models.loader import load_config as load_model_config
 from mtrl.models.loader import load_processor
 from mtrl.protocol import DataBatch
@@ -37,7 +38,7 @@ from mtrl.training.builtin_assets import ensure_builtin_assets
 from mtrl.training.paths import absolutize_paths
 from mtrl.training.signals import StopFlag, StopRequested, stop_on_signals
 from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_yaml, to_plain_dict
-from mtrl.utils.checkpoint import rng_state, set_rng_state
+from mtrl.utils.checkpoint import read_meta, rng_state, set_rng_state
 from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.errors import UserError
 from mtrl.utils.logger import get_logger
@@ -80,9 +81,12 @@ class Trainer:
         self.val_loader = self.build_val_loader()
         self.train_loader = None if config.training.val_only else self.build_train_loader()
         self.total_steps = total_steps(self.train_loader, config.training)
+        # Known before any worker starts, so the trackers continue the crashed run's logs (mtrl/utils/tracking.py).
+        resume_from = checkpointing.resolve_resume_path(config.training, self.run_dir)
         self.tracker = Tracker(config.training.logger, config.training.project_name,
                                config.training.experiment_name, self.run_dir, to_plain_dict(config),
-                               total_steps=self.total_steps)
+                               total_steps=self.total_steps,
+                               resume_step=int(read_meta(resume_from)["global_step"]) if resume_from else None)
         self.checkpoints = checkpointing.CheckpointManager(config)
         self.global_step = 0
         self.timing: Dict[str, float] = {}
@@ -170,6 +174,7 @@ class Trainer:
                         saved = self.save_checkpoint()
                     metrics["timing/save_checkpoint"] = self.timing["timing/save_checkpoint"]
                 self.tracker.log(metrics, step=self.global_step)
+                stop_after_skipped_updates(metrics, t.max_skipped_updates, self.global_step)
                 self._stop_if_asked(saved)
                 if last_step:
                     break

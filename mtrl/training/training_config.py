@@ -115,6 +115,9 @@ class TrainingConfig:
     find_last_checkpoint: bool = True
     # On SIGTERM / SIGINT: finish the current step, write a checkpoint, exit 128 + signal (training/signals.py).
     save_on_signal: bool = True
+    # Stop the run when this many optimizer steps in a row (of one model) were skipped for a non-finite
+    # loss or gradient (mtrl/agents/optimizer_step.py); 0 or null: never stop for that.
+    max_skipped_updates: Optional[int] = 5
     val_generations_to_log: int = 0
 
     @property

@@ -110,7 +110,7 @@ def read_tracker(run_dir: str) -> Optional[int]:
 
 def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -163,6 +163,19 @@ def remove_partial_checkpoints(run_dir: str) -> None:
 
 
 # ============================================================================= RNG
+
+
+# Besides tensors and plain containers, the extra-state and trainer RNG files hold numpy's RNG state (a uint32
+# ndarray). Loading them with weights_only=True, these globals allowed, keeps a tampered checkpoint from
+# running code: an unrestricted torch.load unpickles anything.
+_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                      (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
+
+
+def load_torch_file(path: str) -> Any:
+    """`torch.load` of a small state file (RNG, LR scheduler) on the CPU, with weights_only=True."""
+    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -274,7 +287,7 @@ def load_fsdp_state(path: str, model: torch.nn.Module, optimizer: Optional[torch
         extra_path = os.path.join(path, "extra_state_rank_0.pt")
     extra: Dict[str, Any] = {}
     if os.path.isfile(extra_path):
-        extra = torch.load(extra_path, map_location="cpu", weights_only=False)
+        extra = load_torch_file(extra_path)
         if lr_scheduler is not None and extra.get("lr_scheduler") is not None:
             lr_scheduler.load_state_dict(extra["lr_scheduler"])
         if extra.get("rng") is not None:

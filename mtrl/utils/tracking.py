@@ -22,6 +22,12 @@ Backends (`training.logger`):
                JSON artifacts `generations/step_{step:08d}.json`.
   tensorboard  `{run_dir}/tensorboard` event files (scalars; generations as a markdown text table).
 
+Resuming (`resume_step=N`, given by the trainer when it continues from the checkpoint of step N): the
+file backend drops the rows the crashed run wrote after step N (metrics.jsonl and generations.jsonl are
+rewritten atomically), so no step appears twice; wandb and mlflow continue the run whose id is saved
+in `{run_dir}/tracker_runs.json` (written when a run is created) instead of starting a new one. (Points
+after step N that a crashed run had already sent to wandb / mlflow stay there.)
+
 wandb, mlflow and tensorboard are imported only when selected. The trainer is expected to call `log`
 once per step with all of that step's metrics (several calls for one step are allowed; the file
 backend then writes several lines with the same step).
@@ -37,7 +43,10 @@ import sys
 import time
 from typing import IO, Any, Dict, List, Optional, Sequence
 
+from mtrl.utils.checkpoint import atomic_write
+
 LOGGER_NAMES = ("console", "file", "wandb", "mlflow", "tensorboard")
+RUNS_FILE = "tracker_runs.json"  # {backend: run id} of the run directory's wandb / mlflow runs
 
 # Console groups appear in this order; other prefixes follow alphabetically, unprefixed keys last.
 GROUP_ORDER = ("actor", "critic", "reward", "val", "perf", "timing")
@@ -198,13 +207,36 @@ class ConsoleBackend(Backend):
         stream.flush()
 
 
-class FileBackend(Backend):
-    """metrics.jsonl (and generations.jsonl) in run_dir, appended to, so a resumed run continues them."""
+def _keep_rows_up_to(path: str, step: int) -> None:
+    """Rewrite the JSON-lines file `path` without its rows of steps after `step` (temporary file + rename).
 
-    def __init__(self, run_dir: str):
+    A torn last line (the crash hit mid-write) is dropped too.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row_step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(row_step, int) and row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write(path, "".join(kept))
+
+
+class FileBackend(Backend):
+    """metrics.jsonl (and generations.jsonl) in run_dir, appended to, so a resumed run continues them
+    (after dropping what a crashed run wrote past `resume_step`)."""
+
+    def __init__(self, run_dir: str, resume_step: Optional[int] = None):
         os.makedirs(run_dir, exist_ok=True)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.generations_path = os.path.join(run_dir, "generations.jsonl")
+        if resume_step is not None:
+            for path in (self.metrics_path, self.generations_path):
+                _keep_rows_up_to(path, resume_step)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
@@ -223,13 +255,16 @@ class FileBackend(Backend):
 
 
 class WandbBackend(Backend):
-    def __init__(self, project_name: str, experiment_name: str, run_dir: str, config_dict: Dict[str, Any]):
+    def __init__(self, project_name: str, experiment_name: str, run_dir: str, config_dict: Dict[str, Any],
+                 resume_id: Optional[str] = None):
         import wandb
 
         self._wandb = wandb
         os.makedirs(run_dir, exist_ok=True)
+        resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
         self.run = wandb.init(project=project_name, name=experiment_name, dir=run_dir, config=config_dict,
-                              reinit="create_new")
+                              reinit="create_new", **resume)
+        self.run_id = self.run.id
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -261,7 +296,8 @@ def sanitize_mlflow_name(name: str, max_length: int = 250) -> str:
 
 
 class MlflowBackend(Backend):
-    def __init__(self, project_name: str, experiment_name: str, run_dir: str, config_dict: Dict[str, Any]):
+    def __init__(self, project_name: str, experiment_name: str, run_dir: str, config_dict: Dict[str, Any],
+                 resume_id: Optional[str] = None):
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
@@ -278,12 +314,26 @@ class MlflowBackend(Backend):
         experiment = self.client.get_experiment_by_name(project_name)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else self.client.create_experiment(project_name, artifact_location=artifact_location))
-        self.run_id = self.client.create_run(experiment_id, run_name=experiment_name).info.run_id
         self.name_map: Dict[str, str] = {}
         self._taken: Dict[str, str] = {}  # sanitised -> original, to keep distinct names distinct
+        if resume_id and self._run_exists(resume_id):
+            self.run_id = resume_id
+            # Params are immutable in MLflow (a resumed run may have changed e.g. max_steps): kept as first logged.
+            self.client.update_run(resume_id, status="RUNNING")
+            return
+        self.run_id = self.client.create_run(experiment_id, run_name=experiment_name).info.run_id
         params = [Param(sanitize_mlflow_name(k), str(v)[:6000]) for k, v in flatten_config(config_dict).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _run_exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     def metric_name(self, name: str) -> str:
         """The MLflow name for `name` (memoised; a clash between two originals gets a numeric suffix)."""
@@ -352,27 +402,48 @@ class Tracker:
     """Sends each step's metrics (and validation generations) to every selected backend."""
 
     def __init__(self, loggers: Sequence[str], project_name: str, experiment_name: str, run_dir: str,
-                 config_dict: Optional[Dict[str, Any]] = None, total_steps: Optional[int] = None):
+                 config_dict: Optional[Dict[str, Any]] = None, total_steps: Optional[int] = None,
+                 resume_step: Optional[int] = None):
+        """`resume_step`: the step of the checkpoint this run continues from (None: a new run)."""
         unknown = [name for name in loggers if name not in LOGGER_NAMES]
         if unknown:
             raise ValueError(f"Unknown logger(s) {unknown}; allowed: {', '.join(LOGGER_NAMES)}.")
         self.run_dir = run_dir
         self.config_dict = config_dict or {}
+        self.resume_step = resume_step
+        runs = self.saved_run_ids() if resume_step is not None else {}
         self.backends: Dict[str, Backend] = {}
         for name in dict.fromkeys(loggers):  # de-duplicated, order kept
-            self.backends[name] = self._make(name, project_name, experiment_name, total_steps)
+            self.backends[name] = self._make(name, project_name, experiment_name, total_steps, runs.get(name))
+        self._save_run_ids()
         self._finished = False
 
-    def _make(self, name: str, project_name: str, experiment_name: str, total_steps: Optional[int]) -> Backend:
+    def _make(self, name: str, project_name: str, experiment_name: str, total_steps: Optional[int],
+              resume_id: Optional[str]) -> Backend:
         if name == "console":
             return ConsoleBackend(total_steps)
         if name == "file":
-            return FileBackend(self.run_dir)
+            return FileBackend(self.run_dir, self.resume_step)
         if name == "wandb":
-            return WandbBackend(project_name, experiment_name, self.run_dir, self.config_dict)
+            return WandbBackend(project_name, experiment_name, self.run_dir, self.config_dict, resume_id)
         if name == "mlflow":
-            return MlflowBackend(project_name, experiment_name, self.run_dir, self.config_dict)
+            return MlflowBackend(project_name, experiment_name, self.run_dir, self.config_dict, resume_id)
         return TensorboardBackend(self.run_dir, self.config_dict)
+
+    def saved_run_ids(self) -> Dict[str, str]:
+        """{backend: run id} from `{run_dir}/tracker_runs.json` ({} when there is none or it is unreadable)."""
+        try:
+            with open(os.path.join(self.run_dir, RUNS_FILE), encoding="utf-8") as f:
+                runs = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in runs.items() if isinstance(v, str)} if isinstance(runs, dict) else {}
+
+    def _save_run_ids(self) -> None:
+        runs = {name: b.run_id for name, b in self.backends.items() if getattr(b, "run_id", None)}
+        if not runs:
+            return
+        atomic_write(os.path.join(self.run_dir, RUNS_FILE), json.dumps({**self.saved_run_ids(), **runs}, indent=1))
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         """Log one step's metrics (values: numbers, numpy scalars or one-element tensors)."""

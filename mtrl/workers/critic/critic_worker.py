@@ -4,7 +4,7 @@ from typing import Dict
 
 import torch
 
-from mtrl.agents.optimizer_step import clipped_optimizer_step
+from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
 from mtrl.agents.parallel_policy_agent import all_reduce_sums, global_normalisers, make_micro_batches, token_weighted
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
@@ -23,6 +23,7 @@ class CriticWorker(FSDPWorker):
         # model_path: the critic's own or (filled in on the driver) the policy's.
         self.model = self.build_model(cfg.model.model_path, cfg, trainable=True, head="value")
         self.optimizer = fsdp_utils.build_optimizer(self.model, cfg.optim)
+        self.skipped_updates = SkippedUpdates("critic")
         self.lr_scheduler = fsdp_utils.build_lr_scheduler(self.optimizer, cfg.optim, total_training_steps)
         if cfg.offload.offload_params:
             self.model.to("cpu")
@@ -84,12 +85,13 @@ class CriticWorker(FSDPWorker):
                     sums["critic/vf_loss"] += loss.item()
                     sums["critic/vf_clipfrac"] += token_weighted({"f": frac}, t["response_mask"],
                                                                  norm["global_token_count"])["f"]
-                grad_norm = clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)
+                grad_norm = self.skipped_updates.record(clipped_optimizer_step(self.model, self.optimizer,
+                                                                               cfg.max_grad_norm))
                 for k, v in all_reduce_sums(sums, self.device).items():
                     history.setdefault(k, []).append(v)
                 history.setdefault("critic/grad_norm", []).append(grad_norm)
         self.lr_scheduler.step()
-        metrics = {k: sum(v) / len(v) for k, v in history.items()}
+        metrics = {**{k: sum(v) / len(v) for k, v in history.items()}, **self.skipped_updates.metrics()}
         metrics["critic/lr"] = self.lr_scheduler.get_last_lr()[0]
         return metrics
 

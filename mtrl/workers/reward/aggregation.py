@@ -5,11 +5,14 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
+COUNTED_METRICS = ("errors",)
+
 
 def reward_metrics(scores: Union[torch.Tensor, Sequence[float]],
                    metrics: Dict[str, List[float]]) -> Dict[str, float]:
     """Batch means for logging: `{"reward/overall": mean(scores), "reward/<name>": mean(values), ...}`.
 
+    `errors` (1.0 per sample scored 0 by worker.reward.on_error=zero) is summed: `reward/errors` is a count.
     An empty batch gives `{}` (there is nothing to average, and NaN would poison running means).
     """
     scores = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
@@ -17,7 +20,8 @@ def reward_metrics(scores: Union[torch.Tensor, Sequence[float]],
         return {}
     out = {"reward/overall": float(scores.mean())}
     for name, values in metrics.items():
-        out[f"reward/{name}"] = float(np.mean(np.asarray(values, dtype=float)))
+        values = np.asarray(values, dtype=float)
+        out[f"reward/{name}"] = float(values.sum() if name in COUNTED_METRICS else values.mean())
     return out
 
 

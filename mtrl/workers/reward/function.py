@@ -38,7 +38,9 @@ Every sample must give the same metric names; metric values and rewards must be 
 `overall` is reserved (it is the name under which the reward itself is logged: `reward/overall`): in a
 dict result it is the reward, never a metric.
 Any violation, and any exception raised by the function, is a `RewardError` that names the file, the
-function and the sample (its row index in the batch and short prompt / response excerpts).
+function and the sample (its row index in the batch, its uid when known and short prompt / response
+excerpts). With `worker.reward.on_error: zero` such a sample scores 0 instead and the run goes on
+(`RewardFunction.score` returns the messages; the manager logs them and counts them as `reward/errors`).
 
 While the file is imported, its folder is first on `sys.path`, so it can import helper modules
 sitting next to it (`reward_fns/format_accuracy.py` imports `math_answer` this way).
@@ -60,10 +62,13 @@ from mtrl.utils.errors import UserError
 DEFAULT_FUNCTION_NAMES = ("reward_function", "batch_reward_function")
 #: `worker.reward.reward_type` values that mean a reward function, and how each calls it (None: as declared).
 FUNCTION_FORMS = {"function": None, "sequential": False, "batch": True}
-RESERVED_METRIC_NAMES = ("overall",)
+# `overall` is the reward itself (reward/overall); `errors` counts the samples scored 0 by on_error=zero.
+RESERVED_METRIC_NAMES = ("overall", "errors")
+ON_ERROR_CHOICES = ("raise", "zero")
 
 Scores = List[float]
 Metrics = Dict[str, List[float]]
+Errors = List[Tuple[int, str]]  # (row in the batch, message) of each sample scored 0 by on_error=zero
 
 
 class RewardError(UserError, RuntimeError):
@@ -225,6 +230,21 @@ def _is_pair(value: Any) -> bool:
 
 
 @dataclass
+class SampleNames:
+    """Names sample i of a chunk in messages: its row in the batch, its uid when known, prompt and response heads."""
+
+    samples: Sequence[Dict[str, Any]]
+    offset: int
+    uids: Optional[Sequence[str]] = None
+
+    def __call__(self, i: int) -> str:
+        s = self.samples[i]
+        uid = f"uid {self.uids[i]}, " if self.uids is not None else ""
+        prompt, response = _excerpt(s.get("prompt", "")), _excerpt(s.get("response", ""))
+        return f"sample {self.offset + i} ({uid}prompt: {prompt}, response: {response})"
+
+
+@dataclass
 class RewardFunction:
     """A loaded reward function plus where it came from; call it on a list of data_dicts."""
 
@@ -241,35 +261,86 @@ class RewardFunction:
     def __call__(self, samples: Sequence[Dict[str, Any]], offset: int = 0) -> Tuple[Scores, Metrics]:
         """Score `samples`; `offset` is the row index of samples[0] in the whole batch (for messages).
 
-        Returns (scores, metrics) with one float per sample and one list of floats per metric name.
+        Returns (scores, metrics) with one float per sample and one list of floats per metric name;
+        any failure raises a `RewardError`.
         """
+        scores, metrics, _ = self.score(samples, offset)
+        return scores, metrics
+
+    def score(self, samples: Sequence[Dict[str, Any]], offset: int = 0, on_error: str = "raise",
+              uids: Optional[Sequence[str]] = None) -> Tuple[Scores, Metrics, Errors]:
+        """(scores, metrics, errors). `uids` (one per sample) name samples in messages.
+
+        `on_error="raise"`: the first failure raises a `RewardError`. `on_error="zero"`: a sample whose
+        reward fails (the function raised, or returned something unusable for it) scores 0, its metrics
+        0, and `errors` holds (its row in the batch, the message); a batch-form call that fails as a whole
+        zeroes all its samples.
+        """
+        if on_error not in ON_ERROR_CHOICES:
+            raise RewardError(f"worker.reward.on_error = {on_error!r} must be one of {ON_ERROR_CHOICES}.")
         if not samples:
-            return [], {}
-        rows = self._call_batched(samples, offset) if self.batched else self._call_per_sample(samples, offset)
-        return self._collect(rows, samples, offset)
+            return [], {}, []
+        where = SampleNames(samples, offset, uids)
+        if on_error == "raise":
+            rows = self._call_batched(samples, where) if self.batched else self._call_per_sample(samples, where)
+            scores, metrics = self._collect(rows, where)
+            return scores, metrics, []
+        return self._score_tolerantly(samples, where)
+
+    def _score_tolerantly(self, samples: Sequence[Dict[str, Any]],
+                          where: SampleNames) -> Tuple[Scores, Metrics, Errors]:
+        rows: List[Optional[Tuple[float, Dict]]] = []
+        errors: Errors = []
+        if self.batched:
+            try:
+                results = self._batched_results(samples, where)
+            except RewardError as e:
+                return [0.0] * len(samples), {}, [(where.offset + i, str(e)) for i in range(len(samples))]
+            checks = [lambda i=i, r=r: self._check_pair(r, where, i) for i, r in enumerate(results)]
+        else:
+            checks = [lambda i=i: self._check_pair(self._call_one(samples[i], where, i), where, i)
+                      for i in range(len(samples))]
+        names: Optional[List[str]] = None
+        for i, check in enumerate(checks):
+            try:
+                row = check()
+                if names is None:
+                    names = list(row[1])
+                elif set(row[1]) != set(names):
+                    raise self._names_differ(names, row[1], where, i)
+                rows.append(row)
+            except RewardError as e:
+                rows.append(None)
+                errors.append((where.offset + i, str(e)))
+        names = names or []
+        scores = [row[0] if row else 0.0 for row in rows]
+        return scores, {k: [row[1][k] if row else 0.0 for row in rows] for k in names}, errors
 
     # -- calling
 
-    def _call_per_sample(self, samples: Sequence[Dict[str, Any]], offset: int) -> List[Tuple[float, Dict]]:
-        rows = []
-        for i, sample in enumerate(samples):
-            try:
-                result = self.fn(sample, **self.kwargs)
-            except Exception as e:
-                raise RewardError(f"Reward function {self.label} raised {type(e).__name__}: {e}"
-                                  f"{_where_in_file(e.__traceback__, self.file)} "
-                                  f"on {self._sample(samples, offset, i)}.") from e
-            rows.append(self._check_pair(result, samples, offset, i))
-        return rows
+    def _call_one(self, sample: Dict[str, Any], where: SampleNames, i: int) -> Any:
+        try:
+            return self.fn(sample, **self.kwargs)
+        except Exception as e:
+            raise RewardError(f"Reward function {self.label} raised {type(e).__name__}: {e}"
+                              f"{_where_in_file(e.__traceback__, self.file)} on {where(i)}.") from e
 
-    def _call_batched(self, samples: Sequence[Dict[str, Any]], offset: int) -> List[Tuple[float, Dict]]:
+    def _call_per_sample(self, samples: Sequence[Dict[str, Any]], where: SampleNames) -> List[Tuple[float, Dict]]:
+        return [self._check_pair(self._call_one(sample, where, i), where, i) for i, sample in enumerate(samples)]
+
+    def _call_batched(self, samples: Sequence[Dict[str, Any]], where: SampleNames) -> List[Tuple[float, Dict]]:
+        return [self._check_pair(r, where, i) for i, r in enumerate(self._batched_results(samples, where))]
+
+    def _batched_results(self, samples: Sequence[Dict[str, Any]], where: SampleNames) -> List[Any]:
+        """The batch-form call's per-sample results, unchecked; a RewardError when the call fails as a whole."""
+        offset = where.offset
         try:
             result = self.fn(list(samples), **self.kwargs)
         except Exception as e:
             last = offset + len(samples) - 1
             raise RewardError(f"Reward function {self.label} (batch form) raised {type(e).__name__}: {e}"
                               f"{_where_in_file(e.__traceback__, self.file)} on samples {offset}..{last} "
-                              f"(first: {self._sample(samples, offset, 0)}).") from e
+                              f"(first: {where(0)}).") from e
         n = len(samples)
         expected = ("a list of (reward, metrics) pairs or of {'overall': ...} dicts, (list of rewards, dict of "
                     "metric lists) or a list of "
@@ -277,7 +348,7 @@ class RewardFunction:
         if _is_pair(result) and _real(result[0]) is None and not isinstance(result[0], dict) \
                 and hasattr(result[0], "__len__"):
             # Columnar: (rewards, {name: values}). A row-form result never has a dict second element.
-            return self._columns_to_rows(result, samples, offset, expected)
+            return self._columns_to_rows(result, n, expected)
         if not isinstance(result, (list, tuple)) and not hasattr(result, "tolist"):
             raise RewardError(f"Reward function {self.label} (batch form) returned {type(result).__name__}; "
                               f"expected {expected}.")
@@ -285,28 +356,20 @@ class RewardFunction:
         if len(result) != n:
             raise RewardError(f"Reward function {self.label} (batch form) returned {len(result)} results for "
                               f"{n} samples (samples {offset}..{offset + n - 1}); expected {expected}.")
-        return [self._check_pair(r, samples, offset, i) for i, r in enumerate(result)]
+        return result
 
-    def _columns_to_rows(self, result: Tuple, samples: Sequence[Dict], offset: int,
-                         expected: str) -> List[Tuple[float, Dict]]:
+    def _columns_to_rows(self, result: Tuple, n: int, expected: str) -> List[Tuple[Any, Dict]]:
         scores, metrics = result
         scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
-        n = len(samples)
         bad = {k: len(v) for k, v in metrics.items() if not hasattr(v, "__len__") or len(v) != n}
         if len(scores) != n or bad:
             raise RewardError(f"Reward function {self.label} (batch form) returned {len(scores)} rewards and "
                               f"metric lists of lengths {bad or 'ok'} for {n} samples; expected {expected}.")
-        rows = [(scores[i], {k: v[i] for k, v in metrics.items()}) for i in range(n)]
-        return [self._check_pair(r, samples, offset, i) for i, r in enumerate(rows)]
+        return [(scores[i], {k: v[i] for k, v in metrics.items()}) for i in range(n)]
 
     # -- checking
 
-    def _sample(self, samples: Sequence[Dict[str, Any]], offset: int, i: int) -> str:
-        s = samples[i]
-        prompt, response = _excerpt(s.get("prompt", "")), _excerpt(s.get("response", ""))
-        return f"sample {offset + i} (prompt: {prompt}, response: {response})"
-
-    def _check_pair(self, result: Any, samples: Sequence[Dict], offset: int, i: int) -> Tuple[float, Dict]:
+    def _check_pair(self, result: Any, where: SampleNames, i: int) -> Tuple[float, Dict]:
         """One sample's result -> (finite float, {name: finite float}), or a RewardError naming the sample."""
         if _real(result) is not None:
             result = (result, {})
@@ -314,39 +377,42 @@ class RewardFunction:
             if "overall" not in result:
                 raise RewardError(f"Reward function {self.label} returned a dict without an 'overall' key (keys: "
                                   f"{sorted(map(str, result))}); a dict result gives the reward as 'overall' and "
-                                  f"metrics under its other keys. On {self._sample(samples, offset, i)}.")
+                                  f"metrics under its other keys. On {where(i)}.")
             result = (result["overall"], {k: v for k, v in result.items() if k != "overall"})
         if not _is_pair(result):
             shown = repr(result)
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise RewardError(f"Reward function {self.label} must return (reward: float, metrics: dict); got "
-                              f"{type(result).__name__} {shown} for {self._sample(samples, offset, i)} (a dict "
-                              f"with an 'overall' key works too).")
+                              f"{type(result).__name__} {shown} for {where(i)} (a dict with an 'overall' key "
+                              f"works too).")
         score = _real(result[0])
         if score is None:
             raise RewardError(f"Reward function {self.label} returned a reward of type {type(result[0]).__name__} "
-                              f"({result[0]!r}); it must be a real number. On {self._sample(samples, offset, i)}.")
+                              f"({result[0]!r}); it must be a real number. On {where(i)}.")
         if not math.isfinite(score):
             raise RewardError(f"Reward function {self.label} returned a non-finite reward {score} "
-                              f"for {self._sample(samples, offset, i)}.")
+                              f"for {where(i)}.")
         metrics = {}
         for key, value in result[1].items():
             number = _real(value)
             if not isinstance(key, str) or key in RESERVED_METRIC_NAMES:
                 raise RewardError(f"Reward function {self.label} returned metric name {key!r}: names must be strings "
                                   f"other than {RESERVED_METRIC_NAMES} (the reward itself is logged as "
-                                  f"reward/overall). On {self._sample(samples, offset, i)}.")
+                                  f"reward/overall). On {where(i)}.")
             if number is None or not math.isfinite(number):
                 raise RewardError(f"Reward function {self.label} returned metric {key!r} = {value!r}; metric values "
-                                  f"must be finite real numbers. On {self._sample(samples, offset, i)}.")
+                                  f"must be finite real numbers. On {where(i)}.")
             metrics[key] = number
         return score, metrics
 
-    def _collect(self, rows: List[Tuple[float, Dict]], samples: Sequence[Dict], offset: int) -> Tuple[Scores, Metrics]:
+    def _names_differ(self, names: List[str], got: Dict, where: SampleNames, i: int) -> RewardError:
+        return RewardError(f"Reward function {self.label} must return the same metric names for every sample: "
+                           f"sample {where.offset} gave {sorted(names)}, {where(i)} gave {sorted(got)}.")
+
+    def _collect(self, rows: List[Tuple[float, Dict]], where: SampleNames) -> Tuple[Scores, Metrics]:
         names = list(rows[0][1])
         for i, (_, m) in enumerate(rows):
             if set(m) != set(names):
-                raise RewardError(f"Reward function {self.label} must return the same metric names for every "
-                                  f"sample: sample {offset} gave {sorted(names)}, {self._sample(samples, offset, i)} "
-                                  f"gave {sorted(m)}.")
+                raise self._names_differ(names, m, where, i)
         return [s for s, _ in rows], {k: [m[k] for _, m in rows] for k in names}
+

@@ -8,9 +8,16 @@ Where it runs
     scored concurrently and put back together in order. Scoring must finish within
     `worker.reward.timeout_s` (actor start-up has its own limit, ACTOR_START_TIMEOUT_S), otherwise
     the actors are killed (a hung function cannot be stopped any other way) and a `RewardError` is
-    raised; they are started again on the next call.
+    raised; they are started again on the next call. A reward function that hangs or kills its
+    process therefore never takes the trainer with it.
   * Local path (Ray not initialised, or `use_ray=False`): the function runs in this process; used by
     unit tests and tools. `timeout_s` is not enforced there (a running Python call cannot be stopped).
+
+Faults (`worker.reward.on_error`): with `raise` (the default) the first failing sample stops the run
+with a `RewardError` naming it (row, uid, prompt and response heads) and the function. With `zero`
+each failing sample scores 0 (its metrics too), a warning names it, and the per-sample column
+`errors` (1 = scored 0) is added to the metrics, logged as the count `reward/errors`; a timeout or a
+dead actor zeroes the samples it was scoring.
 
 Both paths give identical results: the same function sees the same samples, in the same order
 (batch-form functions see one chunk per actor on the Ray path, the whole batch locally).
@@ -33,9 +40,14 @@ import torch
 
 from mtrl.config.worker import RewardConfig
 from mtrl.protocol import DataBatch
-from mtrl.workers.reward.function import (FUNCTION_FORMS, Metrics, RewardError, RewardFunction, Scores,
-                                          load_reward_function)
+from mtrl.utils.logger import get_logger
+from mtrl.workers.reward.function import (FUNCTION_FORMS, ON_ERROR_CHOICES, Errors, Metrics, RewardError,
+                                          RewardFunction, SampleNames, Scores, load_reward_function)
 from mtrl.workers.reward.worker import RewardWorker
+
+logger = get_logger(__name__)
+# Warnings per batch for samples scored 0 (on_error=zero); the rest are only counted.
+MAX_LOGGED_ERRORS = 3
 
 REQUIRED_FIELDS = ("raw_prompt", "response_text")
 # Starting actors (new processes, maybe waiting for CPUs that killed actors are still releasing)
@@ -69,23 +81,36 @@ def batch_to_samples(batch: DataBatch) -> List[Dict[str, Any]]:
     return samples
 
 
-def _merge_chunks(label: str, parts: List[Tuple[Scores, Metrics]], offsets: List[int]) -> Tuple[Scores, Metrics]:
-    """Concatenate per-chunk results in order; every chunk must report the same metric names."""
+def batch_uids(batch: DataBatch) -> Optional[List[str]]:
+    """The rows' names for messages: `sample_uid` (prompt uid / response index) or `uid`, when the batch has one."""
+    for key in ("sample_uid", "uid"):
+        if key in batch.non_tensors:
+            return [str(u) for u in batch.non_tensors[key]]
+    return None
+
+
+def _merge_chunks(label: str, parts: List[Tuple[Scores, Metrics, Errors]],
+                  offsets: List[int]) -> Tuple[Scores, Metrics, Errors]:
+    """Concatenate per-chunk results in order; every chunk must report the same metric names.
+
+    A chunk scored entirely 0 by on_error=zero reports no metric names; its samples get 0 for the others'.
+    """
     scores: Scores = []
-    metrics: Metrics = {}
-    names = None
-    for (part_scores, part_metrics), offset in zip(parts, offsets):
-        if names is None:
-            names = list(part_metrics)
-            metrics = {k: [] for k in names}
-        elif set(part_metrics) != set(names):
+    errors: Errors = []
+    names = next((list(m) for _, m, _ in parts if m), [])
+    metrics: Metrics = {k: [] for k in names}
+    for (part_scores, part_metrics, part_errors), offset in zip(parts, offsets):
+        errors.extend(part_errors)
+        if not part_metrics and len(part_errors) == len(part_scores):
+            part_metrics = {k: [0.0] * len(part_scores) for k in names}
+        if set(part_metrics) != set(names):
             raise RewardError(f"Reward function {label} must return the same metric names for every sample: "
                               f"samples from {offsets[0]} gave {sorted(names)}, samples from {offset} gave "
                               f"{sorted(part_metrics)}.")
         scores.extend(part_scores)
         for k in names:
             metrics[k].extend(part_metrics[k])
-    return scores, metrics
+    return scores, metrics, errors
 
 
 def _actor_runtime_env() -> Dict[str, Any]:
@@ -120,6 +145,8 @@ class RewardManager:
             raise RewardError(f"worker.reward.num_cpus = {config.num_cpus} must be >= 1.")
         if config.timeout_s <= 0:
             raise RewardError(f"worker.reward.timeout_s = {config.timeout_s} must be > 0.")
+        if config.on_error not in ON_ERROR_CHOICES:
+            raise RewardError(f"worker.reward.on_error = {config.on_error!r} must be one of {ON_ERROR_CHOICES}.")
         self.config = config
         self.reward_fn: RewardFunction = load_reward_function(config.reward_fn_path, config_dir,
                                                               config.reward_fn_kwargs, config.reward_type)
@@ -129,15 +156,33 @@ class RewardManager:
     # ------------------------------------------------------------------ public API
 
     def compute(self, batch: DataBatch) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
-        """(scores: float32 (B,), metrics: {name: B floats}) for every row of `batch`."""
+        """(scores: float32 (B,), metrics: {name: B floats}) for every row of `batch`.
+
+        With on_error=zero the metrics also hold `errors`: 1.0 for each row scored 0 because its reward failed.
+        """
         samples = batch_to_samples(batch)
         if not samples:
             return torch.zeros(0, dtype=torch.float32), {}
+        uids = batch_uids(batch)
         if self._ray_enabled():
-            scores, metrics = self._compute_ray(samples)
+            scores, metrics, errors = self._compute_ray(samples, uids)
         else:
-            scores, metrics = self.reward_fn(samples, 0)
+            scores, metrics, errors = self.reward_fn.score(samples, 0, self.config.on_error, uids)
+        if self.config.on_error == "zero":
+            metrics = {**metrics, "errors": self._error_column(errors, len(samples))}
         return torch.tensor(scores, dtype=torch.float32), metrics
+
+    @staticmethod
+    def _error_column(errors: Errors, n: int) -> List[float]:
+        """Log the errors (the first few distinct messages in full) and mark their rows with 1.0."""
+        messages = list(dict.fromkeys(message for _, message in errors))
+        for message in messages[:MAX_LOGGED_ERRORS]:
+            logger.warning("worker.reward.on_error=zero: scored 0: %s", message)
+        if len(messages) > MAX_LOGGED_ERRORS:
+            logger.warning("worker.reward.on_error=zero: %d more failures in this batch (%d samples scored 0 in all).",
+                           len(messages) - MAX_LOGGED_ERRORS, len(errors))
+        failed = {row for row, _ in errors}
+        return [1.0 if i in failed else 0.0 for i in range(n)]
 
     def shutdown(self) -> None:
         """Kill the reward actors (if any). Safe to call more than once."""
@@ -172,7 +217,8 @@ class RewardManager:
         actor_cls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=_actor_runtime_env())(RewardWorker)
         spec = f"{self.reward_fn.file}:{self.reward_fn.name}"
         form = "batch" if self.reward_fn.batched else "sequential"  # as resolved here, whatever the file declares
-        actors = [actor_cls.remote(spec, self.reward_fn.kwargs, form) for _ in range(self.config.num_cpus)]
+        actors = [actor_cls.remote(spec, self.reward_fn.kwargs, form, self.config.on_error)
+                  for _ in range(self.config.num_cpus)]
         start_timeout = max(ACTOR_START_TIMEOUT_S, self.config.timeout_s)
         try:
             ray.get([a.ready.remote() for a in actors], timeout=start_timeout)
@@ -185,38 +231,52 @@ class RewardManager:
         except ray.exceptions.RayError as e:
             for a in actors:
                 ray.kill(a, no_restart=True)
-            raise self._unwrap(e) from None
+            raise self._unwrap(e, "while starting") from None
         self._actors = actors
         return actors
 
-    def _compute_ray(self, samples: List[Dict[str, Any]]) -> Tuple[Scores, Metrics]:
+    def _compute_ray(self, samples: List[Dict[str, Any]],
+                     uids: Optional[List[str]]) -> Tuple[Scores, Metrics, Errors]:
         import ray
 
         actors = self._ensure_actors()
         bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(len(samples)), len(actors))])
-        offsets, refs = [], []
+        chunks, refs = [], []
         for actor, start, end in zip(actors, bounds[:-1], bounds[1:]):
             if end > start:
-                offsets.append(int(start))
-                refs.append(actor.score.remote(samples[start:end], int(start)))
+                chunks.append((int(start), int(end)))
+                refs.append(actor.score.remote(samples[start:end], int(start), uids[start:end] if uids else None))
         started = time.monotonic()
-        try:
-            parts = ray.get(refs, timeout=self.config.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self.shutdown()  # the only way to stop a hung call; actors restart on the next compute
-            raise RewardError(f"Reward function {self.reward_fn.label} did not finish scoring {len(samples)} samples "
-                              f"within worker.reward.timeout_s = {self.config.timeout_s} s "
-                              f"(waited {time.monotonic() - started:.1f} s).") from None
-        except ray.exceptions.RayError as e:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.config.timeout_s)
+        done = set(done)
+        parts, failed = [], False
+        for ref, (start, end) in zip(refs, chunks):
+            chunk = f"samples {start}..{end - 1}, first: {SampleNames(samples, 0, uids)(start)}"
+            if ref in done:
+                try:
+                    parts.append(ray.get(ref))
+                    continue
+                except ray.exceptions.RayError as e:
+                    error = self._unwrap(e, chunk)
+            else:
+                error = RewardError(f"Reward function {self.reward_fn.label} did not finish scoring {len(samples)} "
+                                    f"samples within worker.reward.timeout_s = {self.config.timeout_s} s (waited "
+                                    f"{time.monotonic() - started:.1f} s; still running: {chunk}).")
+            failed = True
+            if self.config.on_error == "raise":
+                self.shutdown()  # the only way to stop a hung call; actors restart on the next compute
+                raise error
+            parts.append(([0.0] * (end - start), {}, [(row, str(error)) for row in range(start, end)]))
+        if failed:
             self.shutdown()
-            raise self._unwrap(e) from None
-        return _merge_chunks(self.reward_fn.label, parts, offsets)
+        return _merge_chunks(self.reward_fn.label, parts, [start for start, _ in chunks])
 
-    def _unwrap(self, error: Exception) -> RewardError:
+    def _unwrap(self, error: Exception, chunk: str) -> RewardError:
         """A RewardError raised inside an actor, without Ray's wrapping; other Ray failures described."""
         cause = getattr(error, "cause", None)
         if isinstance(cause, RewardError):
             return RewardError(str(cause))
         if isinstance(error, RewardError):  # Ray's dual-class RayTaskError(RewardError)
             return RewardError(str(error).strip().splitlines()[-1])
-        return RewardError(f"Reward actor for {self.reward_fn.label} failed: {type(error).__name__}: {error}")
+        return RewardError(f"Reward actor for {self.reward_fn.label} failed ({chunk}): {type(error).__name__}: "
+                           f"{error}")
