@@ -2,9 +2,9 @@
 RL stage (GRPO + TPRL, 2 FSDP2 CPU workers) for two steps through the CLI, with DAPO's overlong shaping on
 (slow).
 
-The untrained tiny model scores 0 on every quickstart answer, so without shaping every GRPO advantage would
-be 0 and no loss would move it; the overlong penalty makes responses of different lengths score
-differently, so each loss gets non-zero advantages.
+The untrained tiny model scores 0 on every quickstart answer and rarely stops before the 8-token limit (so
+the overlong penalty alone is often the same for every response of a step): the runs score responses with
+a reward that varies with their text, so each loss gets non-zero advantages; the penalty is checked on top.
 """
 
 import math
@@ -19,6 +19,12 @@ OVERLONG = ["optimization.overlong_buffer_length=8", "optimization.overlong_pena
 # clip_cov / kl_cov restrain 5% of the tokens instead of verl's 0.02% (which is one token here)
 COVARIANCE = ["optimization.clip_cov_ratio=0.05", "optimization.clip_cov_lb=-1", "optimization.kl_cov_ratio=0.05"]
 FAST = ["training.val_before_train=false", "dataset.rollout_batch_size=8"]
+# In [0, 1] and different for most pairs of responses of one prompt.
+TEXT_REWARD = '''
+def reward_function(data_dict):
+    response = str(data_dict.get("response") or "")
+    return (len(response) * 7 + sum(map(ord, response))) % 5 / 4.0
+'''
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,10 @@ def workdir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in POLICY_LOSS_NAMES if n != "ppo"])
 def test_each_policy_loss_trains_two_steps_with_overlong_shaping(workdir, name):
+    reward = workdir / "text_reward.py"
+    reward.write_text(TEXT_REWARD)
     _, rows = run_cli(workdir, f"loss_{name}", f"optimization.policy_loss={name}", *OVERLONG, *COVARIANCE, *FAST,
-                      steps=2)
+                      f"worker.reward.reward_fn_path={reward}", steps=2)
     train_rows = [r for r in rows if "actor/pg_loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     for r in train_rows:
@@ -39,7 +47,7 @@ def test_each_policy_loss_trains_two_steps_with_overlong_shaping(workdir, name):
         assert 0 < r["actor/grad_norm"] < math.inf
         # the mean penalty is -0.5 / 8 times the step's mean response length
         assert r["reward/overlong_penalty_mean"] == pytest.approx(-0.5 / 8 * r["response_length/mean"], abs=1e-6)
-    # validation is not shaped: the reward function's scores lie in [0, 1], while this near-zero-accuracy
-    # model's shaped scores would be about -0.5 l / 8 < 0
+    # validation is not shaped: the reward function's scores lie in [0, 1], while shaped scores of these mostly
+    # 8-token responses would be about reward - 0.5, often < 0
     val_scores = [r["val/reward_score"] for r in rows if "val/reward_score" in r]
     assert val_scores and all(v >= 0 for v in val_scores)
