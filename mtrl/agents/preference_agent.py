@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
+from mtrl.agents.parallel_policy_agent import all_reduce_sums
 from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
 from mtrl.optimization import policy_optimization as po
@@ -72,13 +73,6 @@ def last_token_scores(model: nn.Module, mb: DataBatch, device: torch.device, pad
                               response_length=widened["responses"].shape[1], padding_free=padding_free,
                               value_head=True)
     return out["values"][torch.arange(len(columns), device=device), columns]
-
-
-def _all_reduce(values: List[float], device: torch.device) -> List[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 class PreferenceAgent:
@@ -146,7 +140,7 @@ class PreferenceAgent:
         history: Dict[str, List[float]] = {}
         for _ in range(cfg.ppo_epochs):
             for mini in batch.split(2 * mini_batch_pairs):
-                pairs_global = _all_reduce([len(mini) // 2], self.device)[0]
+                pairs_global = all_reduce_sums({"pairs": len(mini) // 2}, self.device)["pairs"]
                 sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, accuracy, margin, chosen, rejected
                 for mb in mini.split(micro_rows):
                     losses, stats = self._pair_losses(mb)
@@ -156,7 +150,8 @@ class PreferenceAgent:
                                                                 (c - r).sum(), c.sum(), r.sum()))]
                 grad_norm = self.skipped_updates.record(clipped_optimizer_step(self.model, self.optimizer,
                                                                                cfg.max_grad_norm))
-                loss, acc, margin, chosen, rejected = [v / pairs_global for v in _all_reduce(sums, self.device)]
+                totals = all_reduce_sums(dict(enumerate(sums)), self.device)
+                loss, acc, margin, chosen, rejected = [totals[i] / pairs_global for i in range(len(sums))]
                 for key, value in (("loss", loss), ("accuracy", acc), ("margin", margin), ("chosen", chosen),
                                    ("rejected", rejected), ("grad_norm", grad_norm)):
                     history.setdefault(f"{prefix}/{key}", []).append(value)
