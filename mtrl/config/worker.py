@@ -12,6 +12,8 @@ PEFT_TYPES = (None, "lora", "qlora")
 LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ROLLOUT_ENGINE_NAMES = ("hf", "vllm")
+VLLM_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching",
+                          "max_num_batched_tokens", "enforce_eager", "limit_mm_per_prompt")
 # A reward function (`function`: its form as the file declares it; `sequential` / `batch`: EasyR1's names, forcing
 # the per-sample / batch form) or a reward model.
 REWARD_TYPES = ("function", "sequential", "batch", "model")
@@ -118,9 +120,17 @@ class RolloutConfig:
     top_k: int = -1
     # None: dataset.max_response_length.
     max_new_tokens: Optional[int] = None
+    # vllm only (a warning when set with hf): the fraction of device memory vLLM may take (weights + KV
+    # cache), the ranks per tensor-parallel engine, vLLM's prefix cache, its token budget per forward step,
+    # no CUDA graphs, the longest prompt + response (None: dataset.max_prompt_length + max_new_tokens),
+    # and the images / videos per prompt it reserves room for (empty: the most any row of the data has).
     gpu_memory_utilization: float = 0.4
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False
+    max_num_batched_tokens: Optional[int] = None
+    enforce_eager: bool = False
+    max_model_len: Optional[int] = None
+    limit_mm_per_prompt: Dict[str, int] = field(default_factory=dict)
     # Generated rows per generate call on each worker, i.e. prompts x n (16 with n = 8 is two prompts): what
     # sets the call's memory. The HF engine pads within a call.
     micro_batch_size_per_device: int = 16

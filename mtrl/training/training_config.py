@@ -35,8 +35,13 @@ from mtrl.config.worker import (
     REWARD_TYPES,
     ROLLOUT_ENGINE_NAMES,
     SHARDING_STRATEGIES,
+    VLLM_ONLY_ROLLOUT_KEYS,
+    RolloutConfig,
     WorkerConfig,
 )
+from mtrl.utils.logger import get_logger
+
+_log = get_logger(__name__)
 
 DEVICE_NAMES = ("auto", "cuda", "cpu")
 # What a run (or a stage) trains: RL (PPO family, optionally with CHORD), SFT, DPO, a Bradley-Terry reward model.
@@ -352,6 +357,7 @@ def validate_config(config: MTRLConfig) -> None:
         _positive("optimization.entropy_target", o.entropy_target)
         _positive("optimization.entropy_bonus_step", o.entropy_bonus_step)
     _validate_policy_loss_settings(config)
+    _validate_rollout_engine(config)
 
     if a.ulysses_size != 1:
         raise ConfigError(f"`worker.actor.ulysses_size` = {a.ulysses_size}: Ulysses sequence parallelism is not "
@@ -404,6 +410,38 @@ def validate_config(config: MTRLConfig) -> None:
     if not d.train_files and t.mode == "rl":
         raise ConfigError("`dataset.train_files` is empty: give one or more comma-separated files.")
     _validate_batch_sizes(config)
+
+
+def _validate_rollout_engine(config: MTRLConfig) -> None:
+    """The rollout engine can run as configured (vLLM installed and supported, tensor parallelism fits)."""
+    w, t = config.worker, config.training
+    r = w.rollout
+    if not w.hybrid_engine:
+        raise ConfigError("`worker.hybrid_engine` = false (a separate rollout server) is not implemented in this "
+                          "version of MTRL: the rollout engine runs in the actor's worker processes; use true.")
+    _positive("worker.rollout.tensor_parallel_size", r.tensor_parallel_size)
+    for key in ("max_num_batched_tokens", "max_model_len"):
+        if getattr(r, key) is not None:
+            _positive(f"worker.rollout.{key}", getattr(r, key))
+    for modality, count in r.limit_mm_per_prompt.items():
+        _choice("worker.rollout.limit_mm_per_prompt key", modality, ("image", "video"))
+        if not isinstance(count, int) or count < 0:
+            raise ConfigError(f"`worker.rollout.limit_mm_per_prompt.{modality}` = {count!r} must be an integer >= 0.")
+    if r.name == "hf":
+        defaults = RolloutConfig()
+        ignored = [k for k in VLLM_ONLY_ROLLOUT_KEYS if getattr(r, k) != getattr(defaults, k)]
+        if ignored:
+            _log.warning("worker.rollout.name=hf ignores the vLLM-only settings %s (set worker.rollout.name=vllm "
+                           "to use them)", ", ".join(f"worker.rollout.{k}" for k in ignored))
+        return
+    from mtrl.workers.rollout.vllm_engine import vllm_version_problem
+
+    if t.mode == "rl" and (problem := vllm_version_problem()):
+        raise ConfigError(problem)
+    if t.n_gpus_per_node % r.tensor_parallel_size:
+        raise ConfigError(f"`worker.rollout.tensor_parallel_size` = {r.tensor_parallel_size} must divide the workers "
+                          f"per node (`training.n_gpus_per_node` = {t.n_gpus_per_node}): a tensor-parallel engine "
+                          f"cannot span nodes.")
 
 
 def _validate_policy_loss_settings(config: MTRLConfig) -> None:

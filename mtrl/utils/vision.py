@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen_vl_utils import fetch_image, smart_resize
 
 __all__ = ["VisionInputError", "VisionGeometry", "Video", "resolve_path", "open_image", "image_size",
            "load_image", "resize_image", "resized_hw", "image_token_count", "load_video", "video_token_count",
@@ -148,6 +147,8 @@ def load_image(spec: Any, search_dirs: Sequence[Optional[str]] = ()) -> Image.Im
 
 def resized_hw(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> Tuple[int, int]:
     """qwen-vl-utils' `smart_resize` (a VisionInputError for absurd aspect ratios)."""
+    from qwen_vl_utils import smart_resize
+
     try:
         return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except (ValueError, AssertionError) as e:
@@ -159,6 +160,8 @@ def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: i
     resized_hw(image.height, image.width, factor, min_pixels, max_pixels)  # clear error before fetch_image
     if factor % 2:
         raise ValueError(f"factor must be even (patch_size * merge_size with merge_size 2), got {factor}")
+    from qwen_vl_utils import fetch_image
+
     return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
                        image_patch_size=factor // 2)
 

