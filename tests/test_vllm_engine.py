@@ -177,3 +177,27 @@ def test_image_prompts_equal_the_hf_engine_and_use_synced_vision_weights(vl_mode
     expected = _forward_log_probs(changed_model, changed, suppressed=suppressed)
     assert torch.allclose(changed["rollout_log_probs"], expected, atol=1e-5)
     assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
+
+
+def test_lora_actor_syncs_its_merged_weights(text_model):
+    from mtrl.config.worker import ModelConfig
+    from mtrl.models import lora
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    path, tiny = text_model
+    adapter = ModelConfig(peft_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+                          lora_target_modules=["q_proj", "v_proj"])
+    actor = lora.apply_lora(make_tiny_model("qwen2", seed=0, **SIZES).model, adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation
+        for name, param in actor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    prompts = _text_prompts(tiny)
+    engine = _engine(path, tiny)
+    RolloutWeightSync(actor, adapter).sync_to(engine)
+    out = engine.generate(prompts.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=1))
+    actor.eval()
+    assert torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out), atol=1e-5)
+    with actor.disable_adapter():  # the adapter does change the policy
+        assert not torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out), atol=1e-3)

@@ -1,0 +1,42 @@
+"""The quickstart's RL stage (GRPO + TPRL, 2 FSDP2 CPU workers) with the vLLM engine in each worker process
+(runs where vLLM is installed: the CI's vLLM job)."""
+
+import math
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from test_end_to_end import run_cli  # noqa: E402
+from test_policy_losses_e2e import TEXT_REWARD  # noqa: E402
+
+from mtrl.models.tiny import build_tiny_model  # noqa: E402
+from mtrl.utils.shapes_task import task_corpus  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+VLLM = ["worker.rollout.name=vllm", "training.val_before_train=false", "dataset.rollout_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The quickstart's tiny Qwen2-VL, with head_dim 32 (vLLM's CPU attention has no smaller head size)."""
+    workdir = tmp_path_factory.mktemp("vllm_e2e")
+    build_tiny_model("qwen2_vl", workdir / "outputs" / "quickstart" / "tiny_qwen2_vl", corpus=task_corpus("easy"),
+                     hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    # The untrained model scores 0 on every answer: a reward that varies with the text gives non-zero advantages.
+    (workdir / "text_reward.py").write_text(TEXT_REWARD)
+    return workdir
+
+
+def _train_rows(rows):
+    return [r for r in rows if "actor/pg_loss" in r]
+
+
+def test_quickstart_rl_stage_with_vllm_on_two_workers(workdir):
+    _, rows = run_cli(workdir, "vllm", *VLLM, f"worker.reward.reward_fn_path={workdir / 'text_reward.py'}", steps=2)
+    train = _train_rows(rows)
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert math.isfinite(r["actor/pg_loss"]) and 0 < r["actor/grad_norm"] < math.inf
+        assert 0 < r["response_length/mean"] <= 8
