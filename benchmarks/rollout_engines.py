@@ -1,12 +1,19 @@
-"""Generation on an FSDP2-sharded policy vs. the hybrid-engine pattern (gather once, generate unsharded).
+"""Rollout engines measured on CPU.
 
-Two gloo ranks on CPU, each generating for its own prompts:
+Default: generation on an FSDP2-sharded policy vs. the hybrid-engine pattern (gather once, generate unsharded).
+Two gloo ranks, each generating for its own prompts:
   sharded   `generate(synced_gpus=True)` on the FSDP2 model: every new token all-gathers every layer.
   hybrid    `gather_full_state_dict` once into an unsharded copy (the actor's weight sync), then generate.
 
     python benchmarks/rollout_engines.py [--hidden 256 --layers 4 --prompts 8 --new-tokens 32]
 
-Writes benchmarks/results/rollout_engines.json.
+`--engines`: MTRL's two rollout engines, `hf` (transformers generate) and `vllm` (vLLM's V1 engine), one process,
+the same tiny Qwen2 folder, the same prompts, greedy, a fixed number of new tokens; tokens/s of each (run it in the
+vLLM environment: `source .ci/vllm-env.sh`).
+
+    python benchmarks/rollout_engines.py --engines [--hidden 256 --layers 4 --prompts 8 --new-tokens 32]
+
+Writes benchmarks/results/rollout_engines.json (the `engines` entry for --engines).
 """
 
 import argparse
@@ -71,6 +78,51 @@ def worker(rank: int, args, out_file: str) -> None:
     dist.destroy_process_group()
 
 
+def engine_throughput(args) -> dict:
+    """hf vs vllm engine: generated tokens/s on the same prompts (the second of two identical calls)."""
+    import tempfile
+
+    from mtrl.config.worker import RolloutConfig
+    from mtrl.models.tiny import build_tiny_model, make_tiny_model
+    from mtrl.protocol import DataBatch
+    from mtrl.workers.rollout import SamplingParams
+    from mtrl.workers.rollout.hf_engine import HFRolloutEngine
+    from mtrl.workers.rollout.vllm_engine import VLLMRolloutEngine
+
+    sizes = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
+                 num_key_value_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
+    folder = tempfile.mkdtemp(prefix="mtrl-bench-")
+    build_tiny_model("qwen2", f"{folder}/model", **sizes)
+    tiny = make_tiny_model("qwen2", **sizes)
+    vocab = tiny.model.config.vocab_size
+    ids = torch.randint(10, vocab - 10, (args.prompts, 16), generator=torch.Generator().manual_seed(0))
+    prompts = DataBatch(tensors={"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                 "position_ids": torch.arange(16).expand(args.prompts, 16).clone()},
+                        non_tensors={"uid": [str(i) for i in range(args.prompts)]})
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.new_tokens)
+    eos = [tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    engines = {
+        "hf": HFRolloutEngine(lambda: make_tiny_model("qwen2", **sizes).model, tiny.model.config, eos, 0,
+                              torch.device("cpu"), micro_batch_size=args.prompts),
+        "vllm": VLLMRolloutEngine(f"{folder}/model", tiny.model.config, RolloutConfig(max_model_len=512),
+                                  torch.float32, eos, 0, seed=0),
+    }
+    result, outputs = {}, {}
+    for name, engine in engines.items():
+        engine.load_weights(tiny.model.state_dict().items())
+        engine.generate(prompts.select(), params)  # warm-up
+        start = time.perf_counter()
+        out = engine.generate(prompts.select(), params)
+        seconds = time.perf_counter() - start
+        outputs[name] = out["responses"]
+        result[f"{name}_s"] = seconds
+        result[f"{name}_tokens_per_s"] = int(out["response_mask"].sum()) / seconds
+    result["same_tokens"] = bool(torch.equal(outputs["hf"], outputs["vllm"]))
+    result["vllm_speedup"] = result["hf_s"] / result["vllm_s"]
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -78,11 +130,22 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=29611)
+    parser.add_argument("--engines", action="store_true", help="hf vs vllm engine tokens/s (vLLM environment)")
     args = parser.parse_args()
+    if args.engines:
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        previous["engines"] = {"config": {k: v for k, v in vars(args).items() if k != "port"},
+                               **engine_throughput(args)}
+        RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
+        print(json.dumps(previous["engines"], indent=2))
+        return
     tmp = RESULTS.with_suffix(".tmp")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     mp.spawn(worker, args=(args, str(tmp)), nprocs=2, join=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     result = {"config": vars(args), **json.loads(tmp.read_text())}
+    if "engines" in previous:
+        result["engines"] = previous["engines"]
     result["speedup"] = result["sharded_s"] / result["hybrid_s"]
     tmp.unlink()
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
