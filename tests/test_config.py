@@ -1,5 +1,6 @@
 """Config: defaults match the SPEC, precedence defaults < YAML < CLI, and every validation rule."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,27 @@ def test_cli_help_and_print_config():
     out = subprocess.run([sys.executable, "-m", "mtrl.training.training_main", "optimizaton.x=1"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["worker.hybrid_engine=false"], r"hybrid_engine` = false .* not implemented"),
+    (["worker.rollout.name=vllm", "training.n_gpus_per_node=4", "worker.rollout.tensor_parallel_size=3"],
+     r"tensor_parallel_size` = 3 must divide the workers per node"),
+    (["worker.rollout.limit_mm_per_prompt={audio: 1}"], r"limit_mm_per_prompt key"),
+    (["worker.rollout.max_model_len=0"], r"max_model_len"),
+])
+def test_rollout_engine_settings_checked_at_start(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config([*BASE, *overrides])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_engine_without_vllm_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"rollout.name=vllm but vLLM is not installed"):
+        load_config([*BASE, "worker.rollout.name=vllm"])
+
+
+def test_vllm_only_settings_with_the_hf_engine_warn(capfd):
+    load_config([*BASE, "worker.rollout.enable_prefix_caching=true", "worker.rollout.tensor_parallel_size=2"])
+    assert ("worker.rollout.name=hf ignores the vLLM-only settings worker.rollout.tensor_parallel_size, "
+            "worker.rollout.enable_prefix_caching") in capfd.readouterr().err

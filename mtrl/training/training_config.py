@@ -434,14 +434,14 @@ def _validate_rollout_engine(config: MTRLConfig) -> None:
             _log.warning("worker.rollout.name=hf ignores the vLLM-only settings %s (set worker.rollout.name=vllm "
                            "to use them)", ", ".join(f"worker.rollout.{k}" for k in ignored))
         return
-    from mtrl.workers.rollout.vllm_engine import vllm_version_problem
-
-    if t.mode == "rl" and (problem := vllm_version_problem()):
-        raise ConfigError(problem)
     if t.n_gpus_per_node % r.tensor_parallel_size:
         raise ConfigError(f"`worker.rollout.tensor_parallel_size` = {r.tensor_parallel_size} must divide the workers "
                           f"per node (`training.n_gpus_per_node` = {t.n_gpus_per_node}): a tensor-parallel engine "
                           f"cannot span nodes.")
+    from mtrl.workers.rollout.vllm_engine import vllm_version_problem
+
+    if t.mode == "rl" and (problem := vllm_version_problem()):
+        raise ConfigError(problem)
 
 
 def _validate_policy_loss_settings(config: MTRLConfig) -> None:
