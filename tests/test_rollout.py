@@ -141,3 +141,16 @@ def test_micro_batch_size_counts_responses_as_documented(tiny, prompts):
     engine.load_weights(tiny.model.state_dict().items())
     engine.generate(prompts.select(), SamplingParams(n=3, temperature=1.0, max_new_tokens=2, seed=1))
     assert sizes == [4, 2]  # 2 prompts x 3 responses = 6 rows in calls of at most 4
+
+
+def test_media_per_row_is_the_most_any_row_has(tiny):
+    """What the vllm engine reserves room for per prompt (`worker.rollout.limit_mm_per_prompt` left empty)."""
+    from mtrl.utils.data_mixing import MixtureDataset
+
+    image = Image.new("RGB", (56, 56))
+    one = RLDataset.from_rows([{"prompt": "<image>a", "images": [image]}, {"prompt": "b"}], tiny.tokenizer,
+                              tiny.processor, tiny.model.config, min_pixels=3136, max_pixels=3136)
+    two = RLDataset.from_rows([{"prompt": "<image><image>c", "images": [image, image]}], tiny.tokenizer,
+                              tiny.processor, tiny.model.config, min_pixels=3136, max_pixels=3136)
+    assert one.media_per_row() == {"image": 1, "video": 0}
+    assert MixtureDataset([one, two]).media_per_row() == {"image": 2, "video": 0}

@@ -103,6 +103,10 @@ class DistributedTrainer(Trainer):
         lora.check_peft_supported(self.config.worker.actor.model, "cuda" if use_gpu else "cpu")
         self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
         run_config = build_worker_run_config(self.config)
+        rollout = run_config.worker.rollout
+        if rollout.name == "vllm" and not rollout.limit_mm_per_prompt and \
+                getattr(self.model_config, "vision_config", None) is not None:
+            rollout.limit_mm_per_prompt = self._media_per_prompt()
         roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, run_config, with_ref=self.use_reference,
                                                with_optimizer=not t.val_only)}
         if self.use_critic:
@@ -118,6 +122,12 @@ class DistributedTrainer(Trainer):
         self.actor_wg.init_model(max(1, self.total_steps))
         if self.critic_wg is not None:
             self.critic_wg.init_model(max(1, self.total_steps))
+
+    def _media_per_prompt(self) -> Dict[str, int]:
+        """The most images / videos a training or validation row has."""
+        loaders = [loader for loader in (self.train_loader, self.val_loader) if loader is not None]
+        counts = [loader.dataset.media_per_row() for loader in loaders]
+        return {k: max(c[k] for c in counts) for k in ("image", "video")}
 
     def worker_groups(self) -> Dict[str, Any]:
         groups = {"actor": self.actor_wg}

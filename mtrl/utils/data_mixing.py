@@ -93,6 +93,10 @@ class MixtureDataset(torch.utils.data.Dataset):
     def collate(self, items):
         return self.datasets[0].collate(items)
 
+    def media_per_row(self) -> Dict[str, int]:
+        counts = [d.media_per_row() for d in self.datasets]
+        return {k: max(c[k] for c in counts) for k in counts[0]}
+
     def summary(self) -> Dict[str, int]:
         return dict(zip(self.names, self.counts))
 

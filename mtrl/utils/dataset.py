@@ -649,6 +649,15 @@ class RLDataset(torch.utils.data.Dataset):
     def collate(self, items: Sequence[Dict[str, Any]]) -> DataBatch:
         return collate_fn(items, pad_token_id=self.pad_token_id)
 
+    def media_per_row(self) -> Dict[str, int]:
+        """The most images and videos any row has (what a vLLM engine reserves room for per prompt)."""
+        most = {"image": 0, "video": 0}
+        for t, i in self._rows:
+            table = self._tables[t]
+            _, _, images, videos = self._fields(table.row(i), table.source(i))
+            most = {"image": max(most["image"], len(images)), "video": max(most["video"], len(videos))}
+        return most
+
 
 def build_dataset(data_files: str, config: Any, tokenizer: Any, processor: Any = None,
                   model_config: Any = None) -> RLDataset:

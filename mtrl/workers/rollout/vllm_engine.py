@@ -136,8 +136,13 @@ class VLLMRolloutEngine(RolloutEngine):
     def _requests(self, prompts: DataBatch) -> List[Dict[str, Any]]:
         images = prompts.non_tensors.get("images")
         processor_kwargs = prompts.non_tensors.get("mm_processor_kwargs")
+        videos = prompts.non_tensors.get("videos")
         requests = []
         for i in range(len(prompts)):
+            if videos is not None and len(videos[i]):
+                raise NotImplementedError(
+                    f"prompt {prompts.non_tensors['uid'][i]!r} has a video: the vllm engine takes images only in "
+                    f"this version of MTRL; use worker.rollout.name=hf for video data")
             request: Dict[str, Any] = {"prompt_token_ids": prompt_token_ids(
                 prompts.tensors["input_ids"][i], prompts.tensors["attention_mask"][i], self.model_config)}
             if images is not None and len(images[i]):
