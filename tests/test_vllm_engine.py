@@ -201,3 +201,33 @@ def test_lora_actor_syncs_its_merged_weights(text_model):
     assert torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out), atol=1e-5)
     with actor.disable_adapter():  # the adapter does change the policy
         assert not torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out), atol=1e-3)
+
+
+def _tensor_parallel_rank(rank: int, folder: str, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", GLOO_SOCKET_IFNAME="lo")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    tiny = make_tiny_model("qwen2", **SIZES)
+    engine = VLLMRolloutEngine(folder, tiny.model.config, RolloutConfig(max_model_len=256, tensor_parallel_size=2),
+                               torch.float32, _eos(tiny), tiny.tokenizer.pad_token_id, seed=0)
+    engine.load_weights(tiny.model.state_dict().items())
+    prompts = _text_prompts(tiny)
+    mine = prompts.select().index(slice(rank, rank + 2)) if rank == 0 else prompts.select().index(slice(2, 3))
+    out = engine.generate(mine, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=4))
+    torch.save({"responses": out["responses"], "log_probs": out["rollout_log_probs"]}, f"{out_dir}/{rank}.pt")
+
+
+def test_tensor_parallel_engine_generates_each_ranks_own_prompts(text_model, tmp_path):
+    """Two ranks, one TP=2 engine: rank 0 passes prompts 0-1, rank 1 prompt 2; together = one TP=1 engine."""
+    import torch.multiprocessing as mp
+
+    path, tiny = text_model
+    mp.spawn(_tensor_parallel_rank, args=(path, 29547, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    want = _engine(path, tiny)
+    want.load_weights(tiny.model.state_dict().items())
+    single = want.generate(_text_prompts(tiny).select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=4))
+    assert torch.equal(torch.cat([g["responses"] for g in got]), single["responses"])
+    assert torch.allclose(torch.cat([g["log_probs"] for g in got]), single["rollout_log_probs"], atol=1e-5)
