@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_vl_utils import smart_resize
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.models.tiny import build_tiny_model
@@ -204,8 +204,9 @@ def test_text_model_dataset(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch", VL_ARCHS)
 def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
-    """For many image sizes: resized as smart_resize says, one pad token per merged patch, and the
-    length computed up front (from the image header) equals the processed prompt's length."""
+    """For many image sizes: resized by the processor as transformers' smart_resize says (the row keeps the
+    original image), one pad token per merged patch, and the length computed up front (from the image
+    header) equals the processed prompt's length."""
     tok, proc, _ = tiny.processor(arch)
     geometry = VisionGeometry.from_processor(proc)
     sizes = [(20, 20), (56, 56), (100, 60), (300, 200), (33, 517), (640, 480)]
@@ -218,7 +219,7 @@ def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
     for k, (w, h) in enumerate(sizes):
         item = ds[k]
         exp_h, exp_w = smart_resize(h, w, factor=geometry.factor, min_pixels=28 * 28, max_pixels=256 * 256)
-        assert item["images"][0].size == (exp_w, exp_h)
+        assert item["images"][0].size == (w, h)
         grid = item["multi_modal_inputs"]["image_grid_thw"]
         assert grid.tolist() == [[1, exp_h // geometry.patch_size, exp_w // geometry.patch_size]]
         n_pad = int((item["input_ids"] == proc.image_token_id).sum())
@@ -482,7 +483,8 @@ def test_build_dataset_from_config(tiny, tmp_path):
                            min_pixels=3136, max_pixels=3136, max_prompt_length=96)
     ds = build_dataset(config.train_files, config, tok, proc)  # model config read from the tokenizer's folder
     assert ds.model_config.model_type == "qwen2_vl"
-    assert ds[0]["images"][0].size == (56, 56) and ds[0]["ground_truth"] == "red"
+    assert ds[0]["images"][0].size == (40, 40) and ds[0]["ground_truth"] == "red"  # the processor resizes:
+    assert ds[0]["multi_modal_inputs"]["image_grid_thw"].tolist() == [[1, 4, 4]]  # 40x40 -> 56x56 (min_pixels)
 
 
 # ----------------------------------------------------------------------------- bad rows
@@ -542,8 +544,8 @@ class _Rows:
     def __getitem__(self, i):
         ids = torch.arange(1, 2 + i % 3)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(len(ids)),
-                "multi_modal_inputs": {}, "raw_prompt": f"p{i}", "ground_truth": "", "images": [], "index": i,
-                "uid": str(i)}
+                "multi_modal_inputs": {}, "raw_prompt": f"p{i}", "ground_truth": "", "images": [], "videos": [],
+                "mm_processor_kwargs": {}, "index": i, "uid": str(i)}
 
 
 def _indices(batches):
@@ -595,7 +597,8 @@ def test_collate_layout_for_a_vl_batch(tiny):
     loader = build_dataloader(ds, batch_size=3, shuffle=False)
     batch = next(iter(loader))
     assert isinstance(batch, DataBatch)
-    assert set(batch.non_tensors) == {"multi_modal_inputs", "raw_prompt", "ground_truth", "images", "index", "uid"}
+    assert set(batch.non_tensors) == {"multi_modal_inputs", "raw_prompt", "ground_truth", "images", "videos",
+                                      "mm_processor_kwargs", "index", "uid"}
     assert batch["position_ids"].dim() == 3 and batch["position_ids"].shape[1] == 3
     assert batch["multi_modal_inputs"][2] == {} and len(batch["images"][1]) == 2
     assert list(batch["ground_truth"]) == ["red", "2", "yes"]
