@@ -84,7 +84,7 @@ def test_bounds_change_the_processor_s_resize_and_the_count(folders):
                     min_pixels=28 * 28, max_pixels=84 * 84)
     large = dataset(folders["qwen2_vl"], [{"prompt": "<image>", "answer": "a", "images": [image]}],
                     min_pixels=28 * 28, max_pixels=600 * 600)
-    # Hand-computed with smart_resize: 200x300 -> 56x84 under 84*84 pixels; kept at 196x308 (rounded to 28) under 600*600.
+    # By hand (smart_resize): 200x300 -> 56x84 under 84*84 pixels; 196x308 (rounded to 28) under 600*600.
     assert small[0]["multi_modal_inputs"]["image_grid_thw"].tolist() == [[1, 4, 6]]
     assert large[0]["multi_modal_inputs"]["image_grid_thw"].tolist() == [[1, 14, 22]]
     assert large.prompt_lengths[0] - small.prompt_lengths[0] == (14 * 22 - 4 * 6) // 4

@@ -48,9 +48,9 @@ Rows (keys renamable with prompt_key / answer_key / image_key / video_key)
 
 Checks (at construction, before any training): every row is read, its keys, image files and image
 headers checked, and its prompt length computed (text tokens + vision tokens from the image sizes by
-the image processor's own formula; videos are decoded). A bad row is a `DatasetError` naming file, line/row and reason. A prompt
-longer than `max_prompt_length` is dropped and counted (logged once, `num_filtered`) when
-`filter_overlong_prompts`, else an error. Pixel data is decoded only in `__getitem__`, so a corrupt
+the image processor's own formula; videos are decoded). A bad row is a `DatasetError` naming file,
+line/row and reason. A prompt longer than `max_prompt_length` is dropped and counted (logged once,
+`num_filtered`) when `filter_overlong_prompts`, else an error. Pixel data is decoded only in `__getitem__`, so a corrupt
 image whose header is fine is reported (with its row) when the row is first loaded.
 
 Public API
@@ -80,7 +80,8 @@ from mtrl.utils.vision import (VisionGeometry, VisionInputError, image_size, ima
                                load_video, processor_size_kwargs, serving_kwargs)
 
 __all__ = ["DatasetError", "RowSource", "RLDataset", "build_dataset", "collate_fn", "EpochSampler",
-           "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS", "PROMPT_NON_TENSORS"]
+           "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS",
+           "PROMPT_NON_TENSORS"]
 
 logger = get_logger(__name__)
 
@@ -652,8 +653,8 @@ class RLDataset(torch.utils.data.Dataset):
                                             second_per_grid_ts=mm.get("second_per_grid_ts"))
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "position_ids": position_ids,
                 "multi_modal_inputs": mm, "raw_prompt": enc["prompt"], "ground_truth": enc["answer"],
-                "images": enc["images"], "videos": enc["videos"], "mm_processor_kwargs": enc["mm_processor_kwargs"],
-                "index": index, "uid": str(index)}
+                "images": enc["images"], "videos": enc["videos"],
+                "mm_processor_kwargs": enc["mm_processor_kwargs"], "index": index, "uid": str(index)}
 
     def collate(self, items: Sequence[Dict[str, Any]]) -> DataBatch:
         return collate_fn(items, pad_token_id=self.pad_token_id)
