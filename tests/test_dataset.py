@@ -22,7 +22,7 @@ from mtrl.training.training_config import DatasetConfig
 from mtrl.utils.dataset import (DatasetError, EpochSampler, RLDataset, StatefulDataLoader, build_dataloader,
                                 build_dataset, collate_fn, expand_data_files)
 from mtrl.utils.rope import compute_position_ids
-from mtrl.utils.vision import VisionGeometry, sample_frame_indices
+from mtrl.utils.vision import sample_frame_indices
 
 VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SMALL = dict(min_pixels=28 * 28, max_pixels=160 * 160)
@@ -208,7 +208,7 @@ def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
     original image), one pad token per merged patch, and the length computed up front (from the image
     header) equals the processed prompt's length."""
     tok, proc, _ = tiny.processor(arch)
-    geometry = VisionGeometry.from_processor(proc)
+    ip = proc.image_processor  # patch_size 14 (Qwen3-VL: 16), merge_size 2
     sizes = [(20, 20), (56, 56), (100, 60), (300, 200), (33, 517), (640, 480)]
     rows = []
     for k, (w, h) in enumerate(sizes):
@@ -218,12 +218,12 @@ def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
                       max_pixels=256 * 256)
     for k, (w, h) in enumerate(sizes):
         item = ds[k]
-        exp_h, exp_w = smart_resize(h, w, factor=geometry.factor, min_pixels=28 * 28, max_pixels=256 * 256)
+        exp_h, exp_w = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=28 * 28, max_pixels=256 * 256)
         assert item["images"][0].size == (w, h)
         grid = item["multi_modal_inputs"]["image_grid_thw"]
-        assert grid.tolist() == [[1, exp_h // geometry.patch_size, exp_w // geometry.patch_size]]
+        assert grid.tolist() == [[1, exp_h // ip.patch_size, exp_w // ip.patch_size]]
         n_pad = int((item["input_ids"] == proc.image_token_id).sum())
-        assert n_pad == int(grid.prod()) // geometry.merge_size ** 2
+        assert n_pad == int(grid.prod()) // ip.merge_size ** 2
         assert ds.prompt_lengths[k] == item["input_ids"].shape[0]
         assert item["multi_modal_inputs"]["pixel_values"].shape[0] == int(grid.prod())
 

@@ -76,8 +76,8 @@ from mtrl.utils.errors import UserError
 from mtrl.utils.hub import parse_dataset_id
 from mtrl.utils.logger import get_logger
 from mtrl.utils.rope import compute_position_ids, uses_mrope
-from mtrl.utils.vision import (VisionGeometry, VisionInputError, image_size, image_token_count, load_image,
-                               load_video, processor_size_kwargs, serving_kwargs)
+from mtrl.utils.vision import (VisionInputError, image_size, image_token_count, load_image, load_video,
+                               processor_size_kwargs, serving_kwargs)
 
 __all__ = ["DatasetError", "RowSource", "RLDataset", "build_dataset", "collate_fn", "EpochSampler",
            "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS",
@@ -423,7 +423,8 @@ class RLDataset(torch.utils.data.Dataset):
                  _tables: Optional[List[_Table]] = None):
         self.tokenizer = tokenizer
         self.processor = processor if getattr(processor, "image_processor", None) is not None else None
-        self.geometry = VisionGeometry.from_processor(self.processor) if self.processor is not None else None
+        frames_per_patch = getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", None)
+        self.temporal_patch_size = int(frames_per_patch or 2)  # a video's frame count is padded to a multiple
         self.model_config = _resolve_model_config(model_config, tokenizer, self.processor)
         try:  # position ids are computed per item, so an unsupported model must fail here, not mid-run
             mrope = uses_mrope(self.model_config)
@@ -602,7 +603,7 @@ class RLDataset(torch.utils.data.Dataset):
         dirs = self._search_dirs(table)
         try:
             images = [load_image(s, dirs) for s in image_specs]
-            videos = [load_video(s, dirs, self.video_fps, self.geometry) for s in video_specs]
+            videos = [load_video(s, dirs, self.video_fps, self.temporal_patch_size) for s in video_specs]
         except VisionInputError as e:
             raise DatasetError(f"{source}: {e}") from None
         text = self.render_prompt(prompt, len(images), len(videos), source)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["VisionInputError", "VisionGeometry", "Video", "resolve_path", "open_image", "image_size",
+__all__ = ["VisionInputError", "Video", "resolve_path", "open_image", "image_size",
            "load_image", "processor_size_kwargs", "serving_kwargs", "image_token_count", "load_video",
            "sample_frame_indices", "IMAGE_EXTENSIONS"]
 
@@ -49,28 +49,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 class VisionInputError(ValueError):
     """An image or video of a row cannot be used; the message says why (without the row's location)."""
-
-
-@dataclass(frozen=True)
-class VisionGeometry:
-    """How a Qwen-VL processor cuts pixels into tokens."""
-
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-
-    @property
-    def factor(self) -> int:
-        """Image sides are multiples of this (one merged token covers factor x factor pixels)."""
-        return self.patch_size * self.merge_size
-
-    @classmethod
-    def from_processor(cls, processor: Any) -> "VisionGeometry":
-        ip = getattr(processor, "image_processor", None)
-        if ip is None:
-            raise ValueError("the processor has no image_processor: the model cannot take images")
-        return cls(patch_size=int(ip.patch_size), merge_size=int(ip.merge_size),
-                   temporal_patch_size=int(getattr(ip, "temporal_patch_size", 2) or 2))
 
 
 # ----------------------------------------------------------------------------- images
@@ -225,8 +203,9 @@ def _folder_frames(folder: str) -> List[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def load_video(spec: Any, search_dirs: Sequence[Optional[str]], fps: float, geometry: VisionGeometry) -> Video:
-    """Decode, subsample to `fps` and pad a video given in any supported form (module docstring)."""
+def load_video(spec: Any, search_dirs: Sequence[Optional[str]], fps: float, temporal_patch_size: int = 2) -> Video:
+    """Decode, subsample to `fps` and pad a video given in any supported form (module docstring); the frame count
+    becomes a multiple of the processor's `temporal_patch_size`."""
     source_fps: Optional[float] = None
     if isinstance(spec, dict):
         if "frames" not in spec:
@@ -250,12 +229,12 @@ def load_video(spec: Any, search_dirs: Sequence[Optional[str]], fps: float, geom
         raise VisionInputError("video has no frames")
     sampled_fps = float(fps)
     if source_fps:  # subsample; decode only the frames kept
-        indices = sample_frame_indices(len(frames), float(source_fps), fps, factor=geometry.temporal_patch_size)
+        indices = sample_frame_indices(len(frames), float(source_fps), fps, factor=temporal_patch_size)
         sampled_fps = len(indices) / (len(frames) / float(source_fps))
         frames = [frames[i] for i in indices]
     images = [load_image(f, frame_dirs) for f in frames]
     size = images[0].size
     images = [im if im.size == size else im.resize(size, Image.BICUBIC) for im in images]
-    images += [images[-1]] * (-len(images) % geometry.temporal_patch_size)
+    images += [images[-1]] * (-len(images) % temporal_patch_size)
     frames_t = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
     return Video(frames=frames_t.contiguous(), fps=sampled_fps)
