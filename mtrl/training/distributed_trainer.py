@@ -24,7 +24,7 @@ from mtrl.protocol import DataBatch
 from mtrl.training.trainer_base import Trainer, uses_gpu
 from mtrl.training.training_config import MTRLConfig
 from mtrl.training.worker_run_config import build_worker_run_config
-from mtrl.utils.dataset import build_dataloader, build_dataset
+from mtrl.utils.dataset import PROMPT_NON_TENSORS, build_dataloader, build_dataset
 from mtrl.utils.logger import get_logger
 from mtrl.workers.actor.perception import patches_per_cell
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
@@ -310,8 +310,7 @@ class DistributedTrainer(Trainer):
         p = rows.tensors["prompts"].shape[1]
         tensors = {"input_ids": rows.tensors["input_ids"][:, :p], "attention_mask": rows.tensors["attention_mask"][:, :p],
                    "position_ids": rows.tensors["position_ids"][..., :p]}
-        keep = [k for k in ("multi_modal_inputs", "raw_prompt", "ground_truth", "images", "uid", "index")
-                if k in rows.non_tensors]
+        keep = [k for k in PROMPT_NON_TENSORS if k in rows.non_tensors]
         return DataBatch(tensors, {k: rows.non_tensors[k] for k in keep}, {})
 
     # ------------------------------------------------------------------ validation

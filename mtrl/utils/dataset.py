@@ -42,14 +42,15 @@ Rows (keys renamable with prompt_key / answer_key / image_key / video_key)
   and Arrow data as the Hub stores it (geometry3k, MMK12, ViRL39K) gives images as
   ``{"bytes": ..., "path": ...}`` dicts, or lists of them; both work.
   Relative paths resolve against `image_dir` first, then the data file's folder.
-* Images are resized with qwen-vl-utils' `smart_resize` to [min_pixels, max_pixels]; video frames
-  are sampled at `video_fps` and resized with the same bounds.
+* Images are given to the processor as loaded (RGB) and the processor resizes them into
+  [min_pixels, max_pixels] itself (one preprocessing path with HF / vLLM inference); video frames are
+  sampled at `video_fps` and resized by the video processor with the same bounds.
 
 Checks (at construction, before any training): every row is read, its keys, image files and image
-headers checked, and its prompt length computed (text tokens + vision tokens from the resized image
-sizes; videos are decoded). A bad row is a `DatasetError` naming file, line/row and reason. A prompt
-longer than `max_prompt_length` is dropped and counted (logged once, `num_filtered`) when
-`filter_overlong_prompts`, else an error. Pixel data is decoded only in `__getitem__`, so a corrupt
+headers checked, and its prompt length computed (text tokens + vision tokens from the image sizes by
+the image processor's own formula; videos are decoded). A bad row is a `DatasetError` naming file,
+line/row and reason. A prompt longer than `max_prompt_length` is dropped and counted (logged once,
+`num_filtered`) when `filter_overlong_prompts`, else an error. Pixel data is decoded only in `__getitem__`, so a corrupt
 image whose header is fine is reported (with its row) when the row is first loaded.
 
 Public API
@@ -75,11 +76,12 @@ from mtrl.utils.errors import UserError
 from mtrl.utils.hub import parse_dataset_id
 from mtrl.utils.logger import get_logger
 from mtrl.utils.rope import compute_position_ids, uses_mrope
-from mtrl.utils.vision import (VisionGeometry, VisionInputError, image_size, image_token_count, load_image,
-                               load_video, resize_image, resized_hw)
+from mtrl.utils.vision import (VisionInputError, image_size, image_token_count, load_image, load_video,
+                               processor_size_kwargs, serving_kwargs)
 
 __all__ = ["DatasetError", "RowSource", "RLDataset", "build_dataset", "collate_fn", "EpochSampler",
-           "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS"]
+           "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS",
+           "PROMPT_NON_TENSORS"]
 
 logger = get_logger(__name__)
 
@@ -87,6 +89,10 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 #: Processor outputs kept per sample in `multi_modal_inputs` (what the model's forward takes).
 MM_INPUT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+#: The per-row non-tensor fields of a collated prompt batch (docs/DATA_LAYOUT.md).
+PROMPT_NON_TENSORS = ("multi_modal_inputs", "raw_prompt", "ground_truth", "images", "videos", "mm_processor_kwargs",
+                      "index", "uid")
 
 _PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
@@ -417,7 +423,8 @@ class RLDataset(torch.utils.data.Dataset):
                  _tables: Optional[List[_Table]] = None):
         self.tokenizer = tokenizer
         self.processor = processor if getattr(processor, "image_processor", None) is not None else None
-        self.geometry = VisionGeometry.from_processor(self.processor) if self.processor is not None else None
+        frames_per_patch = getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", None)
+        self.temporal_patch_size = int(frames_per_patch or 2)  # a video's frame count is padded to a multiple
         self.model_config = _resolve_model_config(model_config, tokenizer, self.processor)
         try:  # position ids are computed per item, so an unsupported model must fail here, not mid-run
             mrope = uses_mrope(self.model_config)
@@ -530,10 +537,11 @@ class RLDataset(torch.utils.data.Dataset):
         for spec in images:
             try:
                 width, height = image_size(spec, self._search_dirs(table))
-                h, w = resized_hw(height, width, self.geometry.factor, self.min_pixels, self.max_pixels)
+                tokens = image_token_count(self.processor.image_processor, height, width, self.min_pixels,
+                                           self.max_pixels)
             except VisionInputError as e:
                 raise DatasetError(f"{source}: {e}") from None
-            n_vision += image_token_count(h, w, self.geometry) - 1  # the pad token counted in n_text expands
+            n_vision += tokens - 1  # the pad token counted in n_text expands
         return n_text + n_vision
 
     # ------------------------------------------------------------------ prompt rendering
@@ -590,34 +598,33 @@ class RLDataset(torch.utils.data.Dataset):
         return self._tables[t].source(i)
 
     def _encode(self, row: Dict[str, Any], source: RowSource, table: _Table) -> Dict[str, Any]:
-        """Load and resize the row's vision inputs and run the processor (or tokenizer)."""
+        """Load the row's vision inputs and run the processor (or tokenizer); the processor resizes."""
         prompt, answer, image_specs, video_specs = self._fields(row, source)
         dirs = self._search_dirs(table)
         try:
-            images = [resize_image(load_image(s, dirs), self.min_pixels, self.max_pixels, self.geometry.factor)
-                      for s in image_specs]
-            videos = [load_video(s, dirs, self.video_fps, self.min_pixels, self.max_pixels, self.geometry)
-                      for s in video_specs]
+            images = [load_image(s, dirs) for s in image_specs]
+            videos = [load_video(s, dirs, self.video_fps, self.temporal_patch_size) for s in video_specs]
         except VisionInputError as e:
             raise DatasetError(f"{source}: {e}") from None
         text = self.render_prompt(prompt, len(images), len(videos), source)
         if self.processor is None:
             encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         else:
+            size = processor_size_kwargs(self.min_pixels, self.max_pixels)
             kwargs: Dict[str, Any] = {}
             if images:
                 kwargs["images"] = images
-                kwargs["images_kwargs"] = {"do_resize": False}  # already resized by smart_resize
-            if videos:
+                kwargs["images_kwargs"] = dict(size)
+            if videos:  # frames already sampled at video_fps; the processor resizes them
                 kwargs["videos"] = [v.frames for v in videos]
-                kwargs["videos_kwargs"] = {"do_resize": False, "do_sample_frames": False,
-                                           "cap_pixels_per_frame": False,
+                kwargs["videos_kwargs"] = {**size, "do_sample_frames": False, "cap_pixels_per_frame": False,
                                            "video_metadata": [v.metadata() for v in videos]}
             encoded = self.processor(text=[text], return_tensors="pt", **kwargs)
         input_ids = encoded["input_ids"][0]
         mm = {k: torch.as_tensor(encoded[k]) for k in MM_INPUT_KEYS if k in encoded and encoded[k] is not None}
+        mm_kwargs = serving_kwargs(self.min_pixels, self.max_pixels) if images or videos else {}
         return {"input_ids": input_ids, "multi_modal_inputs": mm, "prompt": prompt, "answer": answer,
-                "images": images}
+                "images": images, "videos": videos, "mm_processor_kwargs": mm_kwargs}
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         """One prompt, unpadded:
@@ -625,8 +632,11 @@ class RLDataset(torch.utils.data.Dataset):
         * ``input_ids`` (L,) long, ``attention_mask`` (L,) long (all ones);
         * ``position_ids`` (3, L) for Qwen-VL models, (L,) for text models (`mtrl.utils.rope`);
         * ``multi_modal_inputs``: dict of `MM_INPUT_KEYS` tensors present for the row ({} without vision);
-        * ``raw_prompt`` (the row's prompt text), ``ground_truth``, ``images`` (resized PIL images),
-          ``index`` (position in this dataset), ``uid`` (str(index); the dataloader makes it unique per epoch).
+        * ``raw_prompt`` (the row's prompt text), ``ground_truth``, ``images`` (the PIL images exactly as the
+          processor got them, before its resize), ``videos`` (`mtrl.utils.vision.Video`s as the processor
+          got them), ``mm_processor_kwargs`` (the processor's pixel bounds in vLLM's form, {} without
+          vision), ``index`` (position in this dataset), ``uid`` (str(index); the dataloader makes it
+          unique per epoch).
         """
         if not 0 <= index < len(self._rows):
             raise IndexError(f"dataset index {index} out of range (0..{len(self._rows) - 1})")
@@ -644,7 +654,8 @@ class RLDataset(torch.utils.data.Dataset):
                                             second_per_grid_ts=mm.get("second_per_grid_ts"))
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "position_ids": position_ids,
                 "multi_modal_inputs": mm, "raw_prompt": enc["prompt"], "ground_truth": enc["answer"],
-                "images": enc["images"], "index": index, "uid": str(index)}
+                "images": enc["images"], "videos": enc["videos"],
+                "mm_processor_kwargs": enc["mm_processor_kwargs"], "index": index, "uid": str(index)}
 
     def collate(self, items: Sequence[Dict[str, Any]]) -> DataBatch:
         return collate_fn(items, pad_token_id=self.pad_token_id)
@@ -673,7 +684,8 @@ def collate_fn(items: Sequence[Dict[str, Any]], pad_token_id: int = 0) -> DataBa
 
     tensors: ``input_ids`` (B, P) padded with `pad_token_id`, ``attention_mask`` (B, P),
     ``position_ids`` (B, P) or (B, 3, P) with 0 at padding; P = the longest prompt of the batch.
-    non_tensors: ``multi_modal_inputs``, ``raw_prompt``, ``ground_truth``, ``images``, ``index``, ``uid``.
+    non_tensors: `PROMPT_NON_TENSORS` (``multi_modal_inputs``, ``raw_prompt``, ``ground_truth``, ``images``,
+    ``videos``, ``mm_processor_kwargs``, ``index``, ``uid``).
     """
     if not items:
         raise ValueError("collate_fn got no items")
@@ -690,8 +702,7 @@ def collate_fn(items: Sequence[Dict[str, Any]], pad_token_id: int = 0) -> DataBa
         input_ids[r, width - n:] = it["input_ids"]
         attention_mask[r, width - n:] = it["attention_mask"]
         position_ids[r, ..., width - n:] = it["position_ids"]
-    non_tensors = {key: [it[key] for it in items]
-                   for key in ("multi_modal_inputs", "raw_prompt", "ground_truth", "images", "index", "uid")}
+    non_tensors = {key: [it[key] for it in items] for key in PROMPT_NON_TENSORS}
     return DataBatch(tensors={"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids},
                      non_tensors=non_tensors)
 

@@ -1,4 +1,4 @@
-"""Loading and resizing the images and videos of dataset rows (no network access, ever).
+"""Loading the images and videos of dataset rows (no network access, ever).
 
 Images may be given as
 
@@ -8,10 +8,11 @@ Images may be given as
   (bytes win when present, else the path is used);
 * raw ``bytes``, or a ``PIL.Image.Image``.
 
-They are converted to RGB (transparent pixels onto white, as qwen-vl-utils) and resized with
-qwen-vl-utils' `fetch_image` / `smart_resize`: both sides a multiple of patch_size * merge_size, the
-pixel count within [min_pixels, max_pixels], the aspect ratio kept as well as possible. The processor
-is then told not to resize again, so what the model sees is exactly `smart_resize`'s size.
+They are converted to RGB (transparent pixels onto white) and NOT resized here: the model's own
+processor resizes them (`processor_size_kwargs`: the dataset's min_pixels / max_pixels as the
+processor's `size`), exactly as transformers' and vLLM's inference paths do for the same image and
+bounds, so training, rollout and serving see the same pixels. Token counts come from the image
+processor's own formula (`image_token_count`), so a prompt's length is known from the image header.
 
 Videos may be given as
 
@@ -20,8 +21,10 @@ Videos may be given as
   uniformly subsampled to `fps`;
 * a video file path (str): decoded with PyAV (``pip install av``) and uniformly subsampled to `fps`.
 
-Frames are resized like images (the first frame's size decides) and their number is padded to a
-multiple of the temporal patch size by repeating the last frame (as qwen-vl-utils does).
+Frames keep their size (frames of another size than the first are resized to it, so they stack)
+and their number is padded to a multiple of the temporal patch size by repeating the last frame; the
+video processor resizes them with the same min_pixels / max_pixels as images (Qwen3-VL's video
+processor reads those bounds as the whole clip's pixel budget, its own convention).
 
 Errors are `VisionInputError` with a reason; the dataset adds the file and line of the row.
 """
@@ -31,15 +34,14 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-__all__ = ["VisionInputError", "VisionGeometry", "Video", "resolve_path", "open_image", "image_size",
-           "load_image", "resize_image", "resized_hw", "image_token_count", "load_video", "video_token_count",
+__all__ = ["VisionInputError", "Video", "resolve_path", "open_image", "image_size",
+           "load_image", "processor_size_kwargs", "serving_kwargs", "image_token_count", "load_video",
            "sample_frame_indices", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -47,28 +49,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 class VisionInputError(ValueError):
     """An image or video of a row cannot be used; the message says why (without the row's location)."""
-
-
-@dataclass(frozen=True)
-class VisionGeometry:
-    """How a Qwen-VL processor cuts pixels into tokens."""
-
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-
-    @property
-    def factor(self) -> int:
-        """Image sides are multiples of this (one merged token covers factor x factor pixels)."""
-        return self.patch_size * self.merge_size
-
-    @classmethod
-    def from_processor(cls, processor: Any) -> "VisionGeometry":
-        ip = getattr(processor, "image_processor", None)
-        if ip is None:
-            raise ValueError("the processor has no image_processor: the model cannot take images")
-        return cls(patch_size=int(ip.patch_size), merge_size=int(ip.merge_size),
-                   temporal_patch_size=int(getattr(ip, "temporal_patch_size", 2) or 2))
 
 
 # ----------------------------------------------------------------------------- images
@@ -145,30 +125,25 @@ def load_image(spec: Any, search_dirs: Sequence[Optional[str]] = ()) -> Image.Im
     return image.convert("RGB")
 
 
-def resized_hw(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> Tuple[int, int]:
-    """qwen-vl-utils' `smart_resize` (a VisionInputError for absurd aspect ratios)."""
-    from qwen_vl_utils import smart_resize
+def processor_size_kwargs(min_pixels: int, max_pixels: int) -> Dict[str, Any]:
+    """The image / video processor kwargs that bound a resized image's pixel count (transformers 5's form)."""
+    return {"size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}}
 
+
+def serving_kwargs(min_pixels: int, max_pixels: int) -> Dict[str, int]:
+    """The same bounds in the form vLLM's `mm_processor_kwargs` (and older processors' calls) take for Qwen-VL."""
+    return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
+
+
+def image_token_count(image_processor: Any, height: int, width: int, min_pixels: int, max_pixels: int) -> int:
+    """Vision tokens of a `width` x `height` image once the processor has resized it into [min_pixels, max_pixels]:
+    the image processor's own `get_number_of_image_patches` (its `smart_resize`; the count vLLM uses too)."""
     try:
-        return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    except (ValueError, AssertionError) as e:
+        patches = image_processor.get_number_of_image_patches(
+            height, width, {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)})
+    except ValueError as e:  # transformers' smart_resize refuses aspect ratios above 200
         raise VisionInputError(f"cannot resize a {width}x{height} image: {e}") from None
-
-
-def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: int) -> Image.Image:
-    """Resize as qwen-vl-utils `fetch_image` does (its `image_patch_size` argument is factor / 2)."""
-    resized_hw(image.height, image.width, factor, min_pixels, max_pixels)  # clear error before fetch_image
-    if factor % 2:
-        raise ValueError(f"factor must be even (patch_size * merge_size with merge_size 2), got {factor}")
-    from qwen_vl_utils import fetch_image
-
-    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
-                       image_patch_size=factor // 2)
-
-
-def image_token_count(height: int, width: int, geometry: VisionGeometry) -> int:
-    """Vision tokens of an image already resized to (height, width)."""
-    return (height // geometry.patch_size) * (width // geometry.patch_size) // geometry.merge_size ** 2
+    return int(patches) // int(image_processor.merge_size) ** 2
 
 
 # ----------------------------------------------------------------------------- videos
@@ -228,9 +203,9 @@ def _folder_frames(folder: str) -> List[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def load_video(spec: Any, search_dirs: Sequence[Optional[str]], fps: float, min_pixels: int, max_pixels: int,
-               geometry: VisionGeometry) -> Video:
-    """Decode, subsample to `fps`, resize and pad a video given in any supported form (module docstring)."""
+def load_video(spec: Any, search_dirs: Sequence[Optional[str]], fps: float, temporal_patch_size: int = 2) -> Video:
+    """Decode, subsample to `fps` and pad a video given in any supported form (module docstring); the frame count
+    becomes a multiple of the processor's `temporal_patch_size`."""
     source_fps: Optional[float] = None
     if isinstance(spec, dict):
         if "frames" not in spec:
@@ -254,17 +229,12 @@ def load_video(spec: Any, search_dirs: Sequence[Optional[str]], fps: float, min_
         raise VisionInputError("video has no frames")
     sampled_fps = float(fps)
     if source_fps:  # subsample; decode only the frames kept
-        indices = sample_frame_indices(len(frames), float(source_fps), fps, factor=geometry.temporal_patch_size)
+        indices = sample_frame_indices(len(frames), float(source_fps), fps, factor=temporal_patch_size)
         sampled_fps = len(indices) / (len(frames) / float(source_fps))
         frames = [frames[i] for i in indices]
     images = [load_image(f, frame_dirs) for f in frames]
-    height, width = resized_hw(images[0].height, images[0].width, geometry.factor, min_pixels, max_pixels)
-    images = [im if im.size == (width, height) else im.resize((width, height), Image.BICUBIC) for im in images]
-    images += [images[-1]] * (-len(images) % geometry.temporal_patch_size)
+    size = images[0].size
+    images = [im if im.size == size else im.resize(size, Image.BICUBIC) for im in images]
+    images += [images[-1]] * (-len(images) % temporal_patch_size)
     frames_t = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
     return Video(frames=frames_t.contiguous(), fps=sampled_fps)
-
-
-def video_token_count(video: Video, geometry: VisionGeometry) -> int:
-    t, _, h, w = video.frames.shape
-    return (t // geometry.temporal_patch_size) * image_token_count(h, w, geometry)
