@@ -33,10 +33,18 @@ def _train_rows(rows):
     return [r for r in rows if "actor/pg_loss" in r]
 
 
-def test_quickstart_rl_stage_with_vllm_on_two_workers(workdir):
-    _, rows = run_cli(workdir, "vllm", *VLLM, f"worker.reward.reward_fn_path={workdir / 'text_reward.py'}", steps=2)
+@pytest.mark.parametrize("correction", ["none", "tis"])
+def test_quickstart_rl_stage_with_vllm_on_two_workers(workdir, correction):
+    _, rows = run_cli(workdir, f"vllm_{correction}", *VLLM, f"optimization.rollout_correction={correction}",
+                      f"worker.reward.reward_fn_path={workdir / 'text_reward.py'}", steps=2)
     train = _train_rows(rows)
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
+        print(correction, {k: v for k, v in r.items() if k.startswith(("rollout/", "rollout_corr/", "timing/"))})
         assert math.isfinite(r["actor/pg_loss"]) and 0 < r["actor/grad_norm"] < math.inf
         assert 0 < r["response_length/mean"] <= 8
+        # vLLM (fp32, its own CPU kernels) vs the actor's padding-free fp32 forward: close, never identical.
+        assert 0 < r["rollout/logprob_abs_diff_mean"] <= r["rollout/logprob_abs_diff_max"] < 1e-3
+        assert 0 <= r["rollout/kl_actor_vs_rollout"] < 1e-6
+        if correction == "tis":  # weights this close to 1 are never truncated
+            assert r["rollout_corr/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
