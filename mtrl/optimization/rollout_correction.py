@@ -97,12 +97,13 @@ def apply_rollout_correction(tensors: MutableMapping[str, torch.Tensor], opt: Op
             raise RuntimeError(f"optimization.rollout_correction={opt.rollout_correction} needs the rollout "
                                "engine's `rollout_log_probs` (RolloutEngine.generate); this batch has none")
         return {}
-    old, rollout, mask = (tensors[k].float() for k in ("old_log_probs", "rollout_log_probs", "response_mask"))
+    # fp64: matched engines differ by ~1e-7 per token, whose k3 term (~l^2 / 2) fp32 rounds to 0.
+    old, rollout, mask = (tensors[k].double() for k in ("old_log_probs", "rollout_log_probs", "response_mask"))
     metrics = {f"rollout/{k}": float(v) for k, v in rollout_mismatch_metrics(old, rollout, mask).items()}
     if opt.rollout_correction != "none":
         level, cap = opt.rollout_correction_level, opt.rollout_is_cap
         weights = compute_rollout_is_weights(old, rollout, mask, opt.rollout_correction, level, cap)
-        tensors["rollout_is_weights"] = weights
+        tensors["rollout_is_weights"] = weights.float()
         metrics.update({f"rollout_corr/{k}": float(v)
                         for k, v in rollout_is_weight_metrics(weights, old, rollout, mask, level, cap).items()})
     return metrics

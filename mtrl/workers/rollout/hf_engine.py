@@ -163,10 +163,10 @@ class HFRolloutEngine(RolloutEngine):
         # The log-prob recorder first (raw logits), then the vision-token suppression, then sampling: greedy
         # decoding of the seeded, shaped scores is sampling (SeededSampling); plain greedy otherwise.
         recorder = SampledTokenLogProbs(1.0 if params.greedy else params.temperature)
-        processors = LogitsProcessorList(
-            [recorder]
-            + ([SuppressTokensLogitsProcessor(self.suppress_tokens, device=self.device)] if self.suppress_tokens else [])
-            + ([] if params.greedy else [SeededSampling(seeds, params, self.device)]))
+        suppress = ([SuppressTokensLogitsProcessor(self.suppress_tokens, device=self.device)]
+                    if self.suppress_tokens else [])
+        sampling = [] if params.greedy else [SeededSampling(seeds, params, self.device)]
+        processors = LogitsProcessorList([recorder, *suppress, *sampling])
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
