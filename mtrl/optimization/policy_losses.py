@@ -18,9 +18,9 @@ losses sum to the mini-batch loss) and metrics holding at least ``pg_clipfrac``,
 ``token_mask`` (TPRL, 1 = receives gradient) zeroes the loss of filtered tokens, which still count
 in the denominator; statistics a loss takes over tokens (sequence ratios, covariances) use only the
 kept tokens (``kept_tokens``). ``rollout_is_weights`` (``rollout_correction``: truncated / masked importance
-weights of pi_old / pi_rollout) multiply each token's loss, detached, as verl's ``rollout_is_weights`` do. The other registered losses live in ``sequence_ratio_losses``,
-``token_ratio_losses`` and ``covariance_losses``, which register themselves when imported
-(``policy_optimization`` imports them all).
+weights of pi_old / pi_rollout) multiply each token's loss, detached, as verl's ``rollout_is_weights`` do.
+The other registered losses live in ``sequence_ratio_losses``, ``token_ratio_losses`` and
+``covariance_losses``, which register themselves when imported (``policy_optimization`` imports them all).
 """
 
 from typing import Callable, Dict, Optional, Tuple

@@ -5,7 +5,8 @@ token/trajectory decisions; Ray actors own the devices and run FSDP2 actor/refer
 (one process per device, hybrid engine) and optionally the critic. One step:
 
     prompts -> generate n responses -> rewards [-> online filtering] -> old log-probs + entropy
-    -> rollout mismatch metrics [and correction weights] -> perception pass (TPRL) -> reference log-probs -> values -> advantages, TPRL mask and scaling
+    -> rollout mismatch metrics [and correction weights] -> perception pass (TPRL) -> reference log-probs
+    -> values -> advantages, TPRL mask and scaling
     -> critic update -> actor update -> metrics [-> validation]
 
 Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max) are made here,
