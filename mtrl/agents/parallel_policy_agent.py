@@ -156,7 +156,8 @@ class ParallelPolicyAgent:
         """PPO epochs over mini-batches of `mini_batch_size` rows (this rank's share); one optimizer step each.
 
         Expects tensors old_log_probs, advantages, response_mask, and optionally token_mask (TPRL
-        filter, 1 = receives gradient) and ref_log_probs (divergence loss).
+        filter, 1 = receives gradient), ref_log_probs (divergence loss) and rollout_is_weights (rollout
+        correction: each token's policy loss is multiplied by its weight).
 
         Expert rows (CHORD, SFT): with an `is_expert` (B,) column the loss is
         ``(1 - mu) * pg_loss(usual rows) + mu * sft_loss(expert rows)``, mu = ``batch.meta["chord_mu"]``,
@@ -200,11 +201,13 @@ class ParallelPolicyAgent:
         out = self._forward(mb, temperature, entropy_bonus=opt.entropy_bonus_coef > 0)
         log_probs = out["log_probs"]
         t = {k: v.to(self.device) for k, v in mb.tensors.items()
-             if k in ("old_log_probs", "advantages", "response_mask", "token_mask", "ref_log_probs")}
+             if k in ("old_log_probs", "advantages", "response_mask", "token_mask", "ref_log_probs",
+                      "rollout_is_weights")}
         mask = t["response_mask"]
         pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
             t["old_log_probs"], log_probs, t["advantages"], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
-            cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), settings=opt, **norm)
+            cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), settings=opt,
+            rollout_is_weights=t.get("rollout_is_weights"), **norm)
         loss = pg_loss
         metrics = {"actor/pg_loss": pg_loss.item(),
                    **ratio_metrics(pg_metrics, mask, norm["global_token_count"])}
@@ -247,11 +250,11 @@ class ParallelPolicyAgent:
         # metric all-reduces in update_policy).
         if norm["usual"]["global_token_count"] > 0:
             t = {k: v.to(self.device) for k, v in mb.tensors.items()
-                 if k in ("old_log_probs", "advantages", "token_mask", "ref_log_probs")}
+                 if k in ("old_log_probs", "advantages", "token_mask", "ref_log_probs", "rollout_is_weights")}
             pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
                 t["old_log_probs"], log_probs, t["advantages"], usual_mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
                 cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), settings=opt,
-                **norm["usual"])
+                rollout_is_weights=t.get("rollout_is_weights"), **norm["usual"])
             loss = loss + (1.0 - mu) * pg_loss
             metrics.update({"actor/pg_loss": pg_loss.item(), "usual/pg_loss": pg_loss.item(),
                             **ratio_metrics(pg_metrics, usual_mask, norm["usual"]["global_token_count"])})

@@ -12,6 +12,8 @@ CONTROLLER_TYPE_NAMES = ("fixed", "adaptive")
 DEPENDENCY_ESTIMATOR_NAMES = ("sampled_k3", "full_kl")
 FILTER_SCOPE_NAMES = ("sequence", "batch")
 DPO_LOSS_TYPE_NAMES = ("sigmoid", "hinge", "ipo")
+ROLLOUT_CORRECTION_NAMES = ("none", "tis", "mis")
+ROLLOUT_CORRECTION_LEVEL_NAMES = ("token", "sequence")
 
 
 @dataclass
@@ -68,6 +70,15 @@ class OptimizationConfig:
     # largest covariance.
     kl_cov_ratio: float = 0.0002
     kl_cov_coef: float = 0.1
+
+    # Rollout correction (mtrl/optimization/rollout_correction.py): the rollout engine's sampled-token
+    # log-probs differ from the actor's old log-probs (other kernels, dtype); every policy loss's per-token
+    # loss is multiplied by an importance weight w of r = pi_old / pi_rollout, detached. "tis": w =
+    # min(r, rollout_is_cap); "mis": w = r inside [1 / rollout_is_cap, rollout_is_cap], 0 outside. "sequence"
+    # level: r is the product over the response (exp of the summed log-ratios), one weight per sequence.
+    rollout_correction: str = "none"
+    rollout_correction_level: str = "token"
+    rollout_is_cap: float = 2.0
 
     # DAPO soft overlong punishment, added to each training score on the controller (0 = off):
     # a response longer than max_response_length - overlong_buffer_length loses up to

@@ -42,6 +42,7 @@ def compute_clip_cov_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, 
                           clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                           token_mask: Optional[torch.Tensor] = None, *,
                           settings: OptimizationConfig = DEFAULT_SETTINGS,
+                          rollout_is_weights: Optional[torch.Tensor] = None,
                           **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """Clip-Cov: PPO's clipped surrogate ``max(-A r, -A clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high))``
     (no dual clip, ``r`` unclamped as in verl), with the gradient detached (loss set to 0) on
@@ -63,7 +64,7 @@ def compute_clip_cov_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, 
         chosen = positions[torch.randperm(len(positions))[:selection_count(settings.clip_cov_ratio, kept)]]
         keep_gradient[chosen[:, 0], chosen[:, 1]] = 0
     loss = aggregate_policy_loss(torch.maximum(unclipped, clipped) * keep_gradient, response_mask, token_mask,
-                                 loss_agg_mode, **normalisers)
+                                 loss_agg_mode, rollout_is_weights, **normalisers)
     return loss, policy_loss_metrics(log_ratio, response_mask, keep_gradient == 0)
 
 
@@ -73,6 +74,7 @@ def compute_kl_cov_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, ad
                         clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                         token_mask: Optional[torch.Tensor] = None, *,
                         settings: OptimizationConfig = DEFAULT_SETTINGS,
+                        rollout_is_weights: Optional[torch.Tensor] = None,
                         **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """KL-Cov: the unclipped policy gradient ``-A r`` (``r`` unclamped, no clip ratio used), plus
     ``settings.kl_cov_coef * |log r|`` on the ``selection_count(settings.kl_cov_ratio)`` kept tokens of
@@ -89,5 +91,5 @@ def compute_kl_cov_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, ad
         top = torch.topk(cov, selection_count(settings.kl_cov_ratio, kept)).indices
         penalised.view(-1)[torch.nonzero(kept.view(-1)).squeeze(-1)[top]] = True
     losses = torch.where(penalised, surrogate + settings.kl_cov_coef * log_ratio.abs(), surrogate)
-    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode, **normalisers)
+    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode, rollout_is_weights, **normalisers)
     return loss, policy_loss_metrics(log_ratio, response_mask, penalised)

@@ -9,6 +9,7 @@ A policy loss is registered with ``register_policy_loss(name)`` and chosen by
             clip_ratio_low, clip_ratio_high, clip_ratio_dual,      # the actor's clip settings
             loss_agg_mode="token-mean", token_mask=None,
             *, settings=DEFAULT_SETTINGS,                          # its own keys of OptimizationConfig
+            rollout_is_weights=None,                               # rollout correction, (batch, len)
             global_token_count=None, global_seq_count=None, loss_scale_factor=None) -> (loss, metrics)
 
 and returns the scalar loss (aggregated with ``aggregate_loss`` and the normalisers, so micro-batch
@@ -16,9 +17,10 @@ losses sum to the mini-batch loss) and metrics holding at least ``pg_clipfrac``,
 ``pg_clipfrac_lower`` and ``ppo_kl`` (``policy_loss_metrics``; a loss without clipping reports 0).
 ``token_mask`` (TPRL, 1 = receives gradient) zeroes the loss of filtered tokens, which still count
 in the denominator; statistics a loss takes over tokens (sequence ratios, covariances) use only the
-kept tokens (``kept_tokens``). The other registered losses live in ``sequence_ratio_losses``,
-``token_ratio_losses`` and ``covariance_losses``, which register themselves when imported
-(``policy_optimization`` imports them all).
+kept tokens (``kept_tokens``). ``rollout_is_weights`` (``rollout_correction``: truncated / masked importance
+weights of pi_old / pi_rollout) multiply each token's loss, detached, as verl's ``rollout_is_weights`` do.
+The other registered losses live in ``sequence_ratio_losses``, ``token_ratio_losses`` and
+``covariance_losses``, which register themselves when imported (``policy_optimization`` imports them all).
 """
 
 from typing import Callable, Dict, Optional, Tuple
@@ -111,11 +113,15 @@ def kept_tokens(response_mask: torch.Tensor, token_mask: Optional[torch.Tensor])
 
 
 def aggregate_policy_loss(losses: torch.Tensor, response_mask: torch.Tensor, token_mask: Optional[torch.Tensor],
-                          loss_agg_mode: str, **normalisers: Optional[Number]) -> torch.Tensor:
+                          loss_agg_mode: str, rollout_is_weights: Optional[torch.Tensor] = None,
+                          **normalisers: Optional[Number]) -> torch.Tensor:
     """A policy loss's per-token ``losses`` to its scalar: filtered tokens (``token_mask`` 0) lose their
-    loss and gradient but stay in the denominator (``response_mask``), then ``aggregate_loss``."""
+    loss and gradient but stay in the denominator (``response_mask``); each token's loss is multiplied by
+    its rollout-correction weight (detached; 0 = masked, still in the denominator); then ``aggregate_loss``."""
     if token_mask is not None:
         losses = losses * token_mask.to(losses.dtype)
+    if rollout_is_weights is not None:
+        losses = losses * rollout_is_weights.detach().to(losses.dtype)
     return aggregate_loss(losses, response_mask, loss_agg_mode, **normalisers)
 
 
@@ -148,6 +154,7 @@ def compute_policy_loss(
     token_mask: Optional[torch.Tensor] = None,
     *,
     settings: OptimizationConfig = DEFAULT_SETTINGS,
+    rollout_is_weights: Optional[torch.Tensor] = None,
     global_token_count: Optional[Number] = None,
     global_seq_count: Optional[Number] = None,
     loss_scale_factor: Optional[float] = None,
@@ -176,7 +183,7 @@ def compute_policy_loss(
     dual_bound = -advantages * clip_ratio_dual
     negative = advantages < 0
     losses = torch.where(negative, torch.minimum(ppo_losses, dual_bound), ppo_losses)
-    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode,
+    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode, rollout_is_weights,
                                  global_token_count=global_token_count, global_seq_count=global_seq_count,
                                  loss_scale_factor=loss_scale_factor)
     return loss, policy_loss_metrics(log_ratio, response_mask, clipped > unclipped,

@@ -10,6 +10,8 @@ Each concept has its own module; this one only re-exports their public names (SP
   (GSPO, GSPO-token, GMPO), ``token_ratio_losses`` (CISPO, SAPO) and ``covariance_losses`` (Clip-Cov,
   KL-Cov), all registered once this module is imported.
 * ``reward_shaping`` -- DAPO's overlong penalty on the controller's scores.
+* ``rollout_correction`` -- rollout-vs-actor log-prob mismatch metrics and the truncated / masked
+  importance weights of the policy loss; ``apply_rollout_correction`` runs them on a batch.
 * ``log_probs`` -- log-prob / entropy / KL kernels over the vocabulary.
 * ``tprl`` -- visual dependency, token selection, trajectory scaling; ``apply_tprl`` runs them on a batch.
 * ``sft_losses`` -- SFT loss, CHORD mu / phi; ``preference_losses`` -- DPO, Bradley-Terry.
@@ -74,6 +76,12 @@ from mtrl.optimization.preference_losses import (
     sequence_log_probs,
 )
 from mtrl.optimization.reward_shaping import overlong_penalty
+from mtrl.optimization.rollout_correction import (
+    apply_rollout_correction,
+    compute_rollout_is_weights,
+    rollout_is_weight_metrics,
+    rollout_mismatch_metrics,
+)
 from mtrl.optimization.sequence_ratio_losses import compute_gmpo_loss, compute_gspo_loss, compute_gspo_token_loss
 from mtrl.optimization.sft_losses import compute_chord_mu, compute_chord_phi, compute_sft_loss
 from mtrl.optimization.token_ratio_losses import compute_cispo_loss, compute_sapo_loss
@@ -101,6 +109,7 @@ __all__ = [
     "compute_entropy_penalty", "compute_policy_loss", "compute_value_loss", "get_policy_loss", "register_policy_loss",
     "compute_gspo_loss", "compute_gspo_token_loss", "compute_gmpo_loss", "compute_cispo_loss", "compute_sapo_loss",
     "compute_clip_cov_loss", "compute_kl_cov_loss", "overlong_penalty",
+    "apply_rollout_correction", "compute_rollout_is_weights", "rollout_is_weight_metrics", "rollout_mismatch_metrics",
     "DPO_LOSS_TYPES", "compute_bradley_terry_loss", "compute_dpo_loss", "sequence_log_probs",
     "compute_chord_mu", "compute_chord_phi", "compute_sft_loss",
     "DEPENDENCY_ESTIMATORS", "FILTER_SCOPES", "apply_tprl", "compute_tprl_token_mask", "compute_trajectory_metrics",

@@ -33,7 +33,7 @@ def sequence_mean(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def _gspo(old_log_probs: torch.Tensor, log_probs: torch.Tensor, advantages: torch.Tensor,
           response_mask: torch.Tensor, clip_ratio_low: float, clip_ratio_high: float, loss_agg_mode: str,
-          token_mask: Optional[torch.Tensor], token_level: bool,
+          token_mask: Optional[torch.Tensor], token_level: bool, rollout_is_weights: Optional[torch.Tensor],
           normalisers: dict) -> Tuple[torch.Tensor, Metrics]:
     log_ratio = log_probs - old_log_probs
     kept = kept_tokens(response_mask, token_mask)
@@ -45,7 +45,7 @@ def _gspo(old_log_probs: torch.Tensor, log_probs: torch.Tensor, advantages: torc
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss = aggregate_policy_loss(torch.maximum(unclipped, clipped), response_mask, token_mask, loss_agg_mode,
-                                 **normalisers)
+                                 rollout_is_weights, **normalisers)
     return loss, policy_loss_metrics(log_ratio, response_mask, clipped > unclipped)
 
 
@@ -55,6 +55,7 @@ def compute_gspo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adva
                       clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                       token_mask: Optional[torch.Tensor] = None, *,
                       settings: OptimizationConfig = DEFAULT_SETTINGS,
+                      rollout_is_weights: Optional[torch.Tensor] = None,
                       **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071): the sequence-level importance ratio
     ``s_i = exp(mean_t log(pi / pi_old))`` (the geometric mean of the token ratios), clipped per sequence:
@@ -65,7 +66,7 @@ def compute_gspo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adva
     Metrics: ``pg_clipfrac`` (clipped term active), ``ppo_kl``; ``pg_clipfrac_lower`` is 0.
     """
     return _gspo(old_log_probs, log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high,
-                 loss_agg_mode, token_mask, False, normalisers)
+                 loss_agg_mode, token_mask, False, rollout_is_weights, normalisers)
 
 
 @register_policy_loss("gspo_token")
@@ -74,6 +75,7 @@ def compute_gspo_token_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor
                             clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                             token_mask: Optional[torch.Tensor] = None, *,
                             settings: OptimizationConfig = DEFAULT_SETTINGS,
+                            rollout_is_weights: Optional[torch.Tensor] = None,
                             **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """GSPO-token (arXiv 2507.18071, section 4.3; verl's ``"gspo"``): the per-token ratio
     ``s_{i,t} = sg(s_i) pi_t / sg(pi_t)``, whose value is the sequence ratio ``s_i`` and whose gradient is
@@ -82,7 +84,7 @@ def compute_gspo_token_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor
     Metrics: ``pg_clipfrac``, ``ppo_kl``; ``pg_clipfrac_lower`` is 0.
     """
     return _gspo(old_log_probs, log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high,
-                 loss_agg_mode, token_mask, True, normalisers)
+                 loss_agg_mode, token_mask, True, rollout_is_weights, normalisers)
 
 
 @register_policy_loss("gmpo")
@@ -91,6 +93,7 @@ def compute_gmpo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adva
                       clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                       token_mask: Optional[torch.Tensor] = None, *,
                       settings: OptimizationConfig = DEFAULT_SETTINGS,
+                      rollout_is_weights: Optional[torch.Tensor] = None,
                       **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """Geometric-mean policy optimisation (GMPO, Zhao et al. 2025, arXiv 2507.20673; verl's ``"geo_mean"``).
 
@@ -109,8 +112,13 @@ def compute_gmpo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adva
     pessimistic = sign * torch.minimum(sign * log_ratio, sign * clamped)
     ratio = torch.exp(sequence_mean(pessimistic, kept))
     sequence_loss = -sequence_mean(advantages, kept) * ratio
+    if rollout_is_weights is not None:
+        # One loss per sequence, so one weight: the geometric mean of its tokens' (verl's geo_mean; a
+        # sequence-level weight is its own mean).
+        log_weights = torch.log(rollout_is_weights.detach().clamp(min=1e-10))
+        rollout_is_weights = torch.exp(sequence_mean(log_weights, kept)).unsqueeze(-1).expand_as(log_probs)
     loss = aggregate_policy_loss(sequence_loss.unsqueeze(-1).expand_as(log_probs), response_mask, token_mask,
-                                 loss_agg_mode, **normalisers)
+                                 loss_agg_mode, rollout_is_weights, **normalisers)
     was_clipped = log_ratio != clamped
     return loss, policy_loss_metrics(log_ratio, response_mask, was_clipped & (advantages > 0),
                                      was_clipped & (advantages < 0))

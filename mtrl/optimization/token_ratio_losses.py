@@ -28,6 +28,7 @@ def compute_cispo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adv
                        clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                        token_mask: Optional[torch.Tensor] = None, *,
                        settings: OptimizationConfig = DEFAULT_SETTINGS,
+                       rollout_is_weights: Optional[torch.Tensor] = None,
                        **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """CISPO (MiniMax-M1, arXiv 2506.13585):
     ``L_t = -sg(clip(r_t, 1 - clip_ratio_low, 1 + clip_ratio_high)) A_t log pi_t``.
@@ -41,7 +42,7 @@ def compute_cispo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adv
     log_ratio, ratio = _token_ratio(old_log_probs, log_probs)
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     losses = -clipped_ratio.detach() * advantages * log_probs
-    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode, **normalisers)
+    loss = aggregate_policy_loss(losses, response_mask, token_mask, loss_agg_mode, rollout_is_weights, **normalisers)
     return loss, policy_loss_metrics(log_ratio, response_mask, ratio != clipped_ratio)
 
 
@@ -51,6 +52,7 @@ def compute_sapo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adva
                       clip_ratio_dual: float, loss_agg_mode: str = "token-mean",
                       token_mask: Optional[torch.Tensor] = None, *,
                       settings: OptimizationConfig = DEFAULT_SETTINGS,
+                      rollout_is_weights: Optional[torch.Tensor] = None,
                       **normalisers: Optional[Number]) -> Tuple[torch.Tensor, Metrics]:
     """SAPO, soft adaptive policy optimisation (Gao et al. 2025, arXiv 2511.20347):
     ``L_t = -A_t f(r_t)`` with the gate ``f(r) = (4 / tau) sigmoid(tau (r - 1))``, ``tau`` =
@@ -66,5 +68,6 @@ def compute_sapo_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, adva
     tau = torch.where(advantages > 0, advantages.new_tensor(settings.sapo_tau_positive),
                       advantages.new_tensor(settings.sapo_tau_negative))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
-    loss = aggregate_policy_loss(-gate * advantages, response_mask, token_mask, loss_agg_mode, **normalisers)
+    loss = aggregate_policy_loss(-gate * advantages, response_mask, token_mask, loss_agg_mode, rollout_is_weights,
+                                 **normalisers)
     return loss, policy_loss_metrics(log_ratio, response_mask)

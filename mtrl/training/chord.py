@@ -29,7 +29,7 @@ from mtrl.utils.sft_dataset import build_sft_dataset, pad_sequences
 
 # Tensors the actor update reads; per-response-token ones are padded with zeros when widths differ.
 UPDATE_TENSORS = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")
-RESPONSE_TENSORS = ("old_log_probs", "advantages", "token_mask", "ref_log_probs")
+RESPONSE_TENSORS = ("old_log_probs", "advantages", "token_mask", "ref_log_probs", "rollout_is_weights")
 
 
 def expert_rows_per_mini_batch(rollout_rows: int, ratio: float, world_size: int) -> int:

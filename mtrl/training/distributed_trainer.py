@@ -5,7 +5,8 @@ token/trajectory decisions; Ray actors own the devices and run FSDP2 actor/refer
 (one process per device, hybrid engine) and optionally the critic. One step:
 
     prompts -> generate n responses -> rewards [-> online filtering] -> old log-probs + entropy
-    -> perception pass (TPRL) -> reference log-probs -> values -> advantages, TPRL mask and scaling
+    -> rollout mismatch metrics [and correction weights] -> perception pass (TPRL) -> reference log-probs
+    -> values -> advantages, TPRL mask and scaling
     -> critic update -> actor update -> metrics [-> validation]
 
 Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max) are made here,
@@ -156,6 +157,8 @@ class DistributedTrainer(Trainer):
 
         with self._timer("old_log_probs"):
             batch.union(self._dp(self.actor_wg.compute_log_probs, batch, order))
+        # The engine's sampled-token log-probs vs the actor's: mismatch metrics and the correction weights.
+        metrics.update(po.apply_rollout_correction(batch.tensors, opt))
         metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
         batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
             self.entropy_bonus.coefficient(metrics["actor/entropy"])

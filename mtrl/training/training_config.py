@@ -25,6 +25,8 @@ from mtrl.optimization.config import (
     DIVERGENCE_PENALTY_NAMES,
     FILTER_SCOPE_NAMES,
     POLICY_LOSS_NAMES,
+    ROLLOUT_CORRECTION_LEVEL_NAMES,
+    ROLLOUT_CORRECTION_NAMES,
     OptimizationConfig,
 )
 from mtrl.config.worker import (
@@ -445,7 +447,8 @@ def _validate_rollout_engine(config: MTRLConfig) -> None:
 
 
 def _validate_policy_loss_settings(config: MTRLConfig) -> None:
-    """The settings of the policy losses (mtrl/optimization/*_losses.py) and of the overlong reward shaping."""
+    """The settings of the policy losses (mtrl/optimization/*_losses.py), of the overlong reward shaping and
+    of the rollout correction."""
     o = config.optimization
     _positive("optimization.sapo_tau_positive", o.sapo_tau_positive)
     _positive("optimization.sapo_tau_negative", o.sapo_tau_negative)
@@ -461,6 +464,13 @@ def _validate_policy_loss_settings(config: MTRLConfig) -> None:
            o.overlong_buffer_length, 0, max_length)
     if o.overlong_penalty_factor < 0:
         raise ConfigError(f"`optimization.overlong_penalty_factor` = {o.overlong_penalty_factor} must be >= 0.")
+    # Rollout correction applies to every registered policy loss (each multiplies its per-token loss by
+    # the weights), and both engines return the sampled-token log-probs it needs.
+    _choice("optimization.rollout_correction", o.rollout_correction, ROLLOUT_CORRECTION_NAMES)
+    _choice("optimization.rollout_correction_level", o.rollout_correction_level, ROLLOUT_CORRECTION_LEVEL_NAMES)
+    if not o.rollout_is_cap > 1.0:
+        raise ConfigError(f"`optimization.rollout_is_cap` = {o.rollout_is_cap} must be > 1 (tis: weights "
+                          f"min(r, cap); mis: weights kept for r in [1 / cap, cap]).")
 
 
 def _validate_training_modes(config: MTRLConfig) -> None:

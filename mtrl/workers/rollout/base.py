@@ -41,8 +41,12 @@ class RolloutEngine(ABC):
         """`prompts` in the collate layout (docs/DATA_LAYOUT.md), B rows -> B * n rows, interleaved.
 
         Returns every field of `prompts` repeated n times, plus tensors `prompts` (a copy of the
-        left-padded `input_ids`), `responses` (B*n, R) right-padded with the pad id and
-        `response_mask` (B*n, R). R is at most `max_new_tokens`.
+        left-padded `input_ids`), `responses` (B*n, R) right-padded with the pad id,
+        `response_mask` (B*n, R) and `rollout_log_probs` (B*n, R) float32: the log-prob of each
+        sampled token under the engine's temperature-scaled distribution, log_softmax(logits / T)
+        over the whole vocabulary, before top-k / top-p and token suppression (T = 1 when greedy,
+        temperature 0: the actor's old log-probs use the same T), 0 where `response_mask` is 0.
+        R is at most `max_new_tokens`.
         """
 
     @abstractmethod

@@ -11,7 +11,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.protocol import DataBatch
@@ -46,6 +46,38 @@ class SeededSampling(LogitsProcessor):
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
                                for g in self.generators])
         return scores - torch.log(-torch.log(uniform))
+
+
+class SampledTokenLogProbs(LogitsProcessor):
+    """The log-prob of each sampled token under log_softmax(logits / T), without keeping B x V x T scores.
+
+    Placed first in the processor list, it sees the step's raw logits: it keeps their temperature-scaled
+    log-softmax (B x V) for one step, and at the next step gathers the entry of the token chosen (the last
+    input id). `finish` gathers the last generated token once `generate` has returned. The scores pass
+    through unchanged, so the sampled tokens are those of the same call without it.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self._previous: Optional[torch.Tensor] = None
+        self._log_probs: List[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._gather(input_ids[:, -1])
+        self._previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        if self._previous is not None:
+            self._log_probs.append(self._previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """(B, G) log-probs of `generated` (B, G), the tokens the calls chose, one per call."""
+        self._gather(generated[:, -1])
+        self._previous = None
+        if len(self._log_probs) != generated.shape[1]:
+            raise RuntimeError(f"{len(self._log_probs)} log-probs recorded for {generated.shape[1]} generated tokens")
+        return torch.stack(self._log_probs, dim=1)
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -111,24 +143,33 @@ class HFRolloutEngine(RolloutEngine):
                   for i, mb in zip(range(0, len(batch), size), batch.split(size))]
         # Always max_new_tokens wide: ranks whose responses all stop early must still return the same width
         # as the others (their results are concatenated), as verl pads to response_length.
-        width = max(max(p.shape[1] for p in pieces), params.max_new_tokens)
-        responses = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=self.pad_token_id)
-                               for p in pieces])
+        width = max(max(ids.shape[1] for ids, _ in pieces), params.max_new_tokens)
+        responses = torch.cat([nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_token_id)
+                               for ids, _ in pieces])
+        log_probs = torch.cat([nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in pieces])
         response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)
-        batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask)
+        batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask,
+                             rollout_log_probs=log_probs * response_mask)
         return batch
 
-    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams, seeds: List[int]) -> torch.Tensor:
+    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams,
+                              seeds: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(response ids, their log-probs), both (rows, G) with G the generated length."""
         input_ids = mb.tensors["input_ids"].to(self.device)
         attention_mask = mb.tensors["attention_mask"].to(self.device)
         vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
         if vision:
             vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
-        # Greedy decoding of the seeded, shaped scores is sampling (SeededSampling); plain greedy otherwise.
-        processors = LogitsProcessorList([] if params.greedy else [SeededSampling(seeds, params, self.device)])
+        # The log-prob recorder first (raw logits), then the vision-token suppression, then sampling: greedy
+        # decoding of the seeded, shaped scores is sampling (SeededSampling); plain greedy otherwise.
+        recorder = SampledTokenLogProbs(1.0 if params.greedy else params.temperature)
+        suppress = ([SuppressTokensLogitsProcessor(self.suppress_tokens, device=self.device)]
+                    if self.suppress_tokens else [])
+        sampling = [] if params.greedy else [SeededSampling(seeds, params, self.device)]
+        processors = LogitsProcessorList([recorder, *suppress, *sampling])
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
-            suppress_tokens=self.suppress_tokens or None, do_sample=False, logits_processor=processors,
-            top_k=None, top_p=None, temperature=None, **vision)
-        return output[:, input_ids.shape[1]:].cpu()
+            do_sample=False, logits_processor=processors, top_k=None, top_p=None, temperature=None, **vision)
+        generated = output[:, input_ids.shape[1]:]
+        return generated.cpu(), recorder.finish(generated).cpu()
