@@ -20,7 +20,7 @@ from mtrl.optimization.config import POLICY_LOSS_NAMES, OptimizationConfig
 from mtrl.training.training_main import main
 from mtrl.utils.dataset import RLDataset
 from mtrl.workers.rollout import SamplingParams
-from mtrl.workers.rollout.hf_engine import HFRolloutEngine
+from mtrl.workers.rollout.hf_engine import HFRolloutEngine, SeededSampling
 
 T = torch.tensor
 
@@ -49,8 +49,10 @@ def prompts(tiny):
     return data.collate([data[0], data[1]])
 
 
-def forward_log_probs(model, out, temperature):
-    """log_softmax(logits / T) of each response token from one unpadded transformers forward per row."""
+def forward_log_probs(model, out, params, suppressed=()):
+    """Each response token's log-prob under the distribution sampling drew it from, by one unpadded
+    transformers forward per row: suppressed tokens removed, / T, top-k, top-p (as SeededSampling shapes)."""
+    shape = (lambda x: x) if params.greedy else SeededSampling([0], params, torch.device("cpu")).shape
     result = torch.zeros(out["responses"].shape, dtype=torch.float64)
     for i in range(len(out)):
         prompt = out["prompts"][i][out["attention_mask"][i, :out["prompts"].shape[1]].bool()]
@@ -61,7 +63,9 @@ def forward_log_probs(model, out, temperature):
             vision["mm_token_type_ids"] = mm_token_type_ids(ids, model.config)
         with torch.no_grad():
             logits = model(input_ids=ids, **vision).logits[0, len(prompt) - 1:-1].double()
-        result[i, :len(response)] = torch.log_softmax(logits / temperature, -1).gather(-1, response[:, None])[:, 0]
+        logits[:, list(suppressed)] = float("-inf")
+        scores = shape(logits).double()
+        result[i, :len(response)] = torch.log_softmax(scores, -1).gather(-1, response[:, None])[:, 0]
     return result
 
 
@@ -79,7 +83,7 @@ def test_engine_log_probs_equal_a_transformers_forward_of_the_same_tokens(tiny, 
     log_probs = out["rollout_log_probs"]
     assert log_probs.dtype == torch.float32 and log_probs.shape == out["responses"].shape
     assert torch.all(log_probs[out["response_mask"] == 0] == 0) and torch.all(log_probs <= 0)
-    expected = forward_log_probs(tiny.model, out, params.temperature or 1.0)
+    expected = forward_log_probs(tiny.model, out, params, engine.suppress_tokens)
     close(log_probs, expected, atol=1e-5)
     # the tiny model is far from deterministic: real log-probs, not ~0 everywhere
     assert float(log_probs[out["response_mask"].bool()].mean()) < -1.0

@@ -43,9 +43,10 @@ class RolloutEngine(ABC):
         Returns every field of `prompts` repeated n times, plus tensors `prompts` (a copy of the
         left-padded `input_ids`), `responses` (B*n, R) right-padded with the pad id,
         `response_mask` (B*n, R) and `rollout_log_probs` (B*n, R) float32: the log-prob of each
-        sampled token under the engine's temperature-scaled distribution, log_softmax(logits / T)
-        over the whole vocabulary, before top-k / top-p and token suppression (T = 1 when greedy,
-        temperature 0: the actor's old log-probs use the same T), 0 where `response_mask` is 0.
+        sampled token under the distribution it was drawn from (the behaviour policy of importance
+        sampling: the engine's logits with the vision placeholders suppressed, divided by T, top-k and
+        top-p applied; T = 1 when greedy, temperature 0), 0 where `response_mask` is 0. vLLM calls these
+        "processed" log-probs, as verl uses them.
         R is at most `max_new_tokens`.
         """
 

@@ -7,7 +7,7 @@ and `release` frees the copy before the training passes. `benchmarks/rollout_eng
 both ways.
 """
 
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,6 +32,13 @@ class SeededSampling(LogitsProcessor):
         self.params = params
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = self.shape(scores)
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                               for g in self.generators])
+        return scores - torch.log(-torch.log(uniform))
+
+    def shape(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores of the distribution sampled from: temperature, then top-k, then top-p."""
         p = self.params
         scores = scores.float() / p.temperature
         if 0 < p.top_k < scores.shape[-1]:
@@ -43,28 +50,27 @@ class SeededSampling(LogitsProcessor):
             drop = cumulative <= 1 - p.top_p
             drop[..., -1] = False  # the most likely token always stays
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
-                               for g in self.generators])
-        return scores - torch.log(-torch.log(uniform))
+        return scores
 
 
 class SampledTokenLogProbs(LogitsProcessor):
-    """The log-prob of each sampled token under log_softmax(logits / T), without keeping B x V x T scores.
+    """The log-prob of each sampled token under the distribution it was drawn from, without keeping B x V x T
+    scores.
 
-    Placed first in the processor list, it sees the step's raw logits: it keeps their temperature-scaled
-    log-softmax (B x V) for one step, and at the next step gathers the entry of the token chosen (the last
-    input id). `finish` gathers the last generated token once `generate` has returned. The scores pass
-    through unchanged, so the sampled tokens are those of the same call without it.
+    Placed after the vision-token suppression, it keeps the log-softmax of the step's scores as sampling shapes
+    them (`shape`: temperature, top-k, top-p; none when greedy) for one step (B x V), and at the next step gathers
+    the entry of the token chosen (the last input id). `finish` gathers the last generated token once `generate`
+    has returned. The scores pass through unchanged, so the sampled tokens are those of the same call without it.
     """
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self, shape: Callable[[torch.Tensor], torch.Tensor]):
+        self.shape = shape
         self._previous: Optional[torch.Tensor] = None
         self._log_probs: List[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self._gather(input_ids[:, -1])
-        self._previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self._previous = torch.log_softmax(self.shape(scores).float(), dim=-1)
         return scores
 
     def _gather(self, tokens: torch.Tensor) -> None:
@@ -160,13 +166,13 @@ class HFRolloutEngine(RolloutEngine):
         vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
         if vision:
             vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
-        # The log-prob recorder first (raw logits), then the vision-token suppression, then sampling: greedy
-        # decoding of the seeded, shaped scores is sampling (SeededSampling); plain greedy otherwise.
-        recorder = SampledTokenLogProbs(1.0 if params.greedy else params.temperature)
+        # The vision-token suppression, the log-prob recorder, then sampling: greedy decoding of the seeded,
+        # shaped scores is sampling (SeededSampling); plain greedy otherwise.
         suppress = ([SuppressTokensLogitsProcessor(self.suppress_tokens, device=self.device)]
                     if self.suppress_tokens else [])
         sampling = [] if params.greedy else [SeededSampling(seeds, params, self.device)]
-        processors = LogitsProcessorList([recorder, *suppress, *sampling])
+        recorder = SampledTokenLogProbs(sampling[0].shape if sampling else (lambda scores: scores))
+        processors = LogitsProcessorList([*suppress, recorder, *sampling])
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
