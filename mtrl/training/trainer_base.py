@@ -18,6 +18,10 @@ Checkpoints (mtrl/training/checkpointing.py) hold the worker groups' sharded sta
 Signals: under `run_training`, SIGTERM / SIGINT ask the loop to stop after the current step (see
 mtrl/training/signals.py); it then saves a checkpoint (`training.save_on_signal`) unless that step was
 just saved, and the run exits with 128 + the signal number.
+
+A worker process that dies mid-step (OOM killer, SIGKILL): the worker group stops its other workers and raises
+`WorkerDiedError` (mtrl/single_controller); `run_training` prints it with the last checkpoint and how to
+resume, and the run exits 1.
 """
 
 import os
