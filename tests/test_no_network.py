@@ -57,7 +57,7 @@ def test_a_local_run_opens_no_connection_beyond_this_machine(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert [r for r in refused if not_ray_cloud_probe(*r)] == [], refused
     # The hook was active in the driver and in the Ray worker processes (the FSDP ranks, the reward actor).
-    assert any("mtrl.training.training_main" in s for s in starts)
+    assert any("training.experiment_name=offline" in s for s in starts)  # the driver (its argv: `-m config=...`)
     assert sum("default_worker.py" in s for s in starts) >= 2, starts
     assert (tmp_path / "runs" / "offline" / "global_step_1").is_dir()
 
@@ -68,4 +68,5 @@ def test_a_hub_model_id_does_try_the_hub(tmp_path):
                                    "worker.actor.model.build_tiny_if_missing=null")
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-5000:]}"
     assert "Traceback" not in proc.stderr and "mtrl: error:" in proc.stderr
-    assert any("huggingface.co" in attempt for command, attempt in refused if "training_main" in command), refused
+    assert any("huggingface.co" in attempt for command, attempt in refused
+               if "training.experiment_name=hub" in command), refused  # from the driver
