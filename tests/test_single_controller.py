@@ -191,7 +191,7 @@ class _InProcessGroup(WorkerGroup):
     def _call_worker(self, rank, method_name, args, kwargs):
         return getattr(self._workers[rank], method_name)(*args, **kwargs)
 
-    def _wait(self, futures):
+    def _wait(self, futures, method_name):
         return futures
 
 

@@ -9,6 +9,7 @@
 Only `base` is imported here so that importing a worker class does not import Ray.
 """
 
-from mtrl.single_controller.base import Dispatch, DispatchMode, GroupFuture, Worker, WorkerGroup, register
+from mtrl.single_controller.base import (Dispatch, DispatchMode, GroupFuture, Worker, WorkerDiedError, WorkerGroup,
+                                         register)
 
-__all__ = ["Dispatch", "DispatchMode", "GroupFuture", "Worker", "WorkerGroup", "register"]
+__all__ = ["Dispatch", "DispatchMode", "GroupFuture", "Worker", "WorkerDiedError", "WorkerGroup", "register"]

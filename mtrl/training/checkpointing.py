@@ -26,6 +26,7 @@ import torch
 from mtrl.training.training_config import MTRLConfig, TrainingConfig
 from mtrl.utils import checkpoint as ckpt
 from mtrl.utils.errors import UserError
+from mtrl.utils.faults import crash_point
 from mtrl.utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -85,6 +86,7 @@ class CheckpointManager:
         os.makedirs(partial)
         for role, group in groups.items():
             group.save_checkpoint(os.path.join(partial, role))
+        crash_point("checkpoint:after_shards", step)
         state = dict(state)
         rng = state.pop("rng", None)
         with open(os.path.join(partial, ckpt.TRAINER_STATE_FILE), "w") as f:
@@ -93,14 +95,17 @@ class CheckpointManager:
             torch.save(rng, os.path.join(partial, ckpt.TRAINER_RNG_FILE))
         # The metadata file marks the folder complete: it is written last, then the folder is renamed.
         ckpt.atomic_write(os.path.join(partial, ckpt.META_FILE), json.dumps(self.meta(step, groups), indent=1))
+        crash_point("checkpoint:before_rename", step)
         if os.path.exists(final):  # the same step saved again (e.g. a rerun into the same folder)
             old = final + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            crash_point("checkpoint:during_rename", step)
             os.replace(partial, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(partial, final)
+        crash_point("checkpoint:before_tracker", step)
         ckpt.write_tracker(run_dir, step)
         limit = self.config.training.save_limit
         removed = ckpt.prune_checkpoints(run_dir, limit, protect=[final])

@@ -18,6 +18,10 @@ Checkpoints (mtrl/training/checkpointing.py) hold the worker groups' sharded sta
 Signals: under `run_training`, SIGTERM / SIGINT ask the loop to stop after the current step (see
 mtrl/training/signals.py); it then saves a checkpoint (`training.save_on_signal`) unless that step was
 just saved, and the run exits with 128 + the signal number.
+
+A worker process that dies mid-step (OOM killer, SIGKILL): the worker group stops its other workers and raises
+`WorkerDiedError` (mtrl/single_controller); `run_training` prints it with the last checkpoint and how to
+resume, and the run exits 1.
 """
 
 import os
@@ -41,6 +45,7 @@ from mtrl.training.training_config import MTRLConfig, TrainingConfig, config_to_
 from mtrl.utils.checkpoint import read_meta, rng_state, set_rng_state
 from mtrl.utils.dataset import build_dataloader
 from mtrl.utils.errors import UserError
+from mtrl.utils.faults import crash_point
 from mtrl.utils.logger import get_logger
 from mtrl.utils.seqlen_balancing import partition_stats, update_layout
 from mtrl.utils.tracking import Tracker
@@ -162,6 +167,7 @@ class Trainer:
                 epoch = self.train_loader.epoch
                 self.global_step += 1
                 metrics = self.train_step(batch)
+                crash_point("step:after_train", self.global_step)
                 last_step = self._training_done()
                 if self.val_loader is not None and t.val_freq > 0 and (self.global_step % t.val_freq == 0
                                                                        or last_step):
@@ -275,12 +281,21 @@ class Trainer:
 # ------------------------------------------------------------------ entry
 
 
+def _resume_hint(config: MTRLConfig) -> str:
+    last = checkpointing.resolve_resume_path(config.training, config.training.run_dir)
+    where = f"The last checkpoint, {last}, is intact" if last else "No checkpoint was written yet"
+    return (f"{where}; to resume, run the same command again (training.find_last_checkpoint=true, the default, "
+            f"continues from the run folder's last checkpoint)")
+
+
 def run_training(config: MTRLConfig, trainer_cls) -> int:
     """Start Ray, train (or validate) with `trainer_cls(config)`, shut Ray down (unless it was running already,
-    e.g. between the stages of mtrl/training/stages.py). Returns the exit code: 0, 2 for a user error,
-    128 + signal number when SIGTERM / SIGINT stopped the run."""
+    e.g. between the stages of mtrl/training/stages.py). Returns the exit code: 0, 1 when a worker process died
+    (the message names it, the phase and how to resume), 2 for a user error, 128 + signal number when
+    SIGTERM / SIGINT stopped the run."""
     import ray
 
+    from mtrl.single_controller import WorkerDiedError
     from mtrl.single_controller.ray import init_ray
 
     started_ray = not ray.is_initialized()
@@ -300,6 +315,9 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
             except UserError as e:
                 print(f"mtrl: error: {e}", file=sys.stderr)
                 return 2
+            except WorkerDiedError as e:
+                print(f"mtrl: error: {e}. {_resume_hint(config)}", file=sys.stderr)
+                return 1
             finally:
                 if trainer is not None:
                     trainer.shutdown()

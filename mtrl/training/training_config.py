@@ -202,7 +202,10 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     except ConfigKeyError as e:
         raise ConfigError(f"{source}: {_unknown_key_message(e.full_key)}") from None
     except ValidationError as e:
-        raise ConfigError(f"{source}: `{e.full_key}` has the wrong type: {e.msg.splitlines()[0]}.") from None
+        reason = (e.msg or str(e)).splitlines()[0]
+        if not e.full_key:  # a whole section given a value (`dataset=true`)
+            raise ConfigError(f"{source}: {reason} (a section takes keys: section.key=value).") from None
+        raise ConfigError(f"{source}: `{e.full_key}` has the wrong type: {reason}.") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
 

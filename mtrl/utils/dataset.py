@@ -515,6 +515,11 @@ class RLDataset(torch.utils.data.Dataset):
         prompt = row[self.prompt_key]
         if not isinstance(prompt, str):
             raise DatasetError(f"{source}: {self.prompt_key!r} must be a string, got {type(prompt).__name__}")
+        try:  # JSON can carry lone surrogates (\ud800), which no tokenizer takes
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DatasetError(f"{source}: {self.prompt_key!r} is not valid Unicode text: {prompt[e.start]!r} at "
+                               f"character {e.start} is a lone surrogate") from None
         if self._has_answers and self.answer_key not in row:
             raise DatasetError(f"{source}: missing key {self.answer_key!r} (the row has {sorted(row)}; "
                                f"set dataset.answer_key to rename)")

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtrl.utils.faults import crash_point
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -82,6 +84,7 @@ def write_hf_folder(state_dict: Dict[str, torch.Tensor], path: str, source_model
     for name, content in (extra_json or {}).items():
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(content, f, indent=2)
+    crash_point("export:before_rename")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path

@@ -11,7 +11,7 @@ from mtrl.single_controller.base.decorator import (
     registered_methods,
 )
 from mtrl.single_controller.base.worker import Worker, find_free_port
-from mtrl.single_controller.base.worker_group import GroupFuture, WorkerGroup
+from mtrl.single_controller.base.worker_group import GroupFuture, WorkerDiedError, WorkerGroup
 
 __all__ = [
     "DISPATCH_MODES",
@@ -21,6 +21,7 @@ __all__ = [
     "GroupFuture",
     "Registration",
     "Worker",
+    "WorkerDiedError",
     "WorkerGroup",
     "find_free_port",
     "get_registration",

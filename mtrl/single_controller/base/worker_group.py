@@ -4,13 +4,28 @@ For every `@register`-ed method of the worker class the group gets a method of t
 (1) splits the call's arguments per rank (the dispatch mode's dispatch_fn), (2) calls the method on
 every worker, (3) waits and combines the results (collect_fn) -- or, for `blocking=False`, returns a
 `GroupFuture` at once. A backend (Ray, see `mtrl.single_controller.ray`) only says how to call one
-worker (`_call_worker`) and how to wait for results (`_wait`).
+worker (`_call_worker`) and how to wait for results (`_wait`). A backend whose worker process dies
+during a call stops the rest of the group (its survivors would wait forever in a collective) and
+raises `WorkerDiedError`.
 """
 
 import functools
 from typing import Any, Callable, Dict, List, Sequence
 
 from mtrl.single_controller.base.decorator import DispatchMode, Registration, registered_methods
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process of a group died during a call (killed by the OOM killer, SIGKILL, a crash in C code).
+
+    The group's other workers have been stopped; `rank`, `role` (the worker class, and the colocated role)
+    and `method` (the call it was in: the phase of the step) say where.
+    """
+
+    def __init__(self, rank: int, role: str, method: str, cause: str) -> None:
+        self.rank, self.role, self.method = rank, role, method
+        super().__init__(f"worker rank {rank} ({role}) died during `{method}`: {cause}. The group's other "
+                         f"workers were stopped")
 
 
 class GroupFuture:
@@ -51,8 +66,8 @@ class WorkerGroup:
         """Start `method_name(*args, **kwargs)` on worker `rank`; return a future (not the result)."""
         raise NotImplementedError
 
-    def _wait(self, futures: List[Any]) -> List[Any]:
-        """The results of `futures`, in order."""
+    def _wait(self, futures: List[Any], method_name: str) -> List[Any]:
+        """The results of `futures` (one per rank, of the call `method_name`), in order."""
         raise NotImplementedError
 
     def _call_all(self, method_name: str, per_rank_args: List[tuple],
@@ -98,8 +113,8 @@ class WorkerGroup:
             per_rank_args, per_rank_kwargs = mode.dispatch_fn(self.world_size, args, kwargs)
             futures = self._call_all(remote_name, per_rank_args, per_rank_kwargs)
             if blocking:
-                return mode.collect_fn(self._wait(futures))
-            return GroupFuture(futures, mode.collect_fn, self._wait)
+                return mode.collect_fn(self._wait(futures, name))
+            return GroupFuture(futures, mode.collect_fn, functools.partial(self._wait, method_name=name))
 
         # Keep the worker method's name and docstring for help() and tracebacks; copy neither its
         # __dict__ (the registration tag) nor __wrapped__ (its signature includes `self`).

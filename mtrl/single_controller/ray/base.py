@@ -35,9 +35,10 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from mtrl.single_controller.base.colocated import ColocatedWorker, make_colocated_class, role_method_prefix
+from mtrl.single_controller.base.colocated import (ROLE_SEPARATOR, ColocatedWorker, make_colocated_class,
+                                                   role_method_prefix)
 from mtrl.single_controller.base.worker import USE_GPU_ENV, Worker
-from mtrl.single_controller.base.worker_group import WorkerGroup
+from mtrl.single_controller.base.worker_group import WorkerDiedError, WorkerGroup
 
 # Environment for every Ray worker process of the job (init_ray); user env_vars override these.
 DEFAULT_WORKER_ENV = {
@@ -198,6 +199,16 @@ class _GroupState:
         self.alive = True
 
 
+def _death_cause(error: "ray.exceptions.RayActorError") -> str:
+    """Ray's account of an actor's death in one line (it adds the actor's ids and a page of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    pid = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("pid:")), "?")
+    detail = next((line for line in lines if line.startswith("The actor is dead because")),
+                  lines[0] if lines else type(error).__name__)
+    detail = detail.split(" Some common causes")[0].rstrip(".")
+    return f"{detail} (pid {pid}; the usual causes: the out-of-memory killer, a SIGKILL, a crash in native code)"
+
+
 def _is_small_value(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, ray.ObjectRef))
 
@@ -289,8 +300,28 @@ class RayWorkerGroup(WorkerGroup):
             raise RuntimeError(f"{self!r} was shut down")
         return getattr(self._workers[rank], method_name).remote(*args, **kwargs)
 
-    def _wait(self, futures: List[ray.ObjectRef]) -> List[Any]:
-        return ray.get(futures)
+    def _wait(self, futures: List[ray.ObjectRef], method_name: str) -> List[Any]:
+        # One result at a time, whichever rank finishes first: a dead rank is seen at once, not after the
+        # ranks before it, which (FSDP) wait in a collective for the dead one -- until the gloo / NCCL
+        # timeout, half an hour. A worker's exception is re-raised as soon as it arrives, likewise.
+        rank_of = {ref: rank for rank, ref in enumerate(futures)}
+        results: List[Any] = [None] * len(futures)
+        pending = list(futures)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    results[rank_of[ref]] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    self.shutdown()  # the survivors are blocked in a collective with the dead rank
+                    raise WorkerDiedError(rank_of[ref], self.role, method_name, _death_cause(e)) from None
+        return results
+
+    @property
+    def role(self) -> str:
+        """The worker class, and the colocated role of a spawned view (for messages)."""
+        role = self._method_prefix[:-len(ROLE_SEPARATOR)] if self._method_prefix else ""
+        return f"{self._worker_cls.__name__}, role {role}" if role else self._worker_cls.__name__
 
     def _call_all(self, method_name: str, per_rank_args: List[tuple],
                   per_rank_kwargs: List[Dict[str, Any]]) -> List[ray.ObjectRef]:
