@@ -43,8 +43,11 @@ def test_quickstart_rl_stage_with_vllm_on_two_workers(workdir, correction):
         print(correction, {k: v for k, v in r.items() if k.startswith(("rollout/", "rollout_corr/", "timing/"))})
         assert math.isfinite(r["actor/pg_loss"]) and 0 < r["actor/grad_norm"] < math.inf
         assert 0 < r["response_length/mean"] <= 8
-        # vLLM (fp32, its own CPU kernels) vs the actor's padding-free fp32 forward: close, never identical.
-        assert 0 < r["rollout/logprob_abs_diff_mean"] <= r["rollout/logprob_abs_diff_max"] < 1e-3
-        assert 0 <= r["rollout/kl_actor_vs_rollout"] < 1e-6
-        if correction == "tis":  # weights this close to 1 are never truncated
-            assert r["rollout_corr/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        # vLLM's log-probs are the behaviour policy's: without the suppressed vision placeholders, which hold
+        # ~1.3% of the untrained model's mass (measured: mean |diff| 0.0126, max 0.0154, k3 8e-5), plus vLLM's
+        # own CPU kernels vs the actor's padding-free forward.
+        mean = r["rollout/logprob_abs_diff_mean"]
+        assert 0 < mean <= r["rollout/logprob_abs_diff_max"] < 0.1
+        assert 0 <= r["rollout/kl_actor_vs_rollout"] < 1e-3
+        if correction == "tis":  # ratios just below 1, never truncated at the cap 2
+            assert 1 - 2 * mean < r["rollout_corr/is_weight_mean"] <= 1
