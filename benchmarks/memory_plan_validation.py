@@ -5,7 +5,7 @@
 
 For each case a tiny-builder Qwen2.5-VL model of that size is written once, then a fresh worker process
 (gloo, world size 1, fp32, FSDP2 via the trainer's own `build_fsdp_model`, AdamW, `ParallelPolicyAgent`) runs
-real PPO updates of text-only rows: one to create the optimizer state, then the measured one. Measured peak =
+real PPO updates (text-only rows, or rows with one image each): one to create the optimizer state, then the measured one. Measured peak =
 the bytes of the parameters and AdamW state that exist before the update (counted exactly) + the rise of the
 process's peak RSS over the measured update (VmHWM, reset just before it through /proc/self/clear_refs). The
 worker runs with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor larger than 64 KB is its own mapping and freed
@@ -34,17 +34,30 @@ SIZES = {
                 num_key_value_heads=4, vision_hidden_size=256, vision_intermediate_size=512, vision_depth=4,
                 vision_num_heads=4),
 }
-PROMPT, RESPONSE, ROWS, MICRO_BATCH = 64, 64, 16, 8  # two micro-batches of 8 x 128 = 1024 tokens
-CASES = [("20M", False), ("20M", True), ("80M", False), ("80M", True)]
+ROWS, MICRO_BATCH, SEQ = 16, 8, 128  # two micro-batches of 8 rows x 128 tokens = 1024 tokens
+# With an image: each row's prompt starts with one 224 x 224 image (16 x 16 patches of 14 pixels, 64 tokens after
+# the 2 x 2 merge), so the vision tower runs on 8 x 256 patches per micro-batch.
+IMAGE_GRID = 16
+# (size, gradient checkpointing, image per row)
+CASES = [("20M", False, False), ("20M", True, False), ("20M", False, True), ("80M", False, False),
+         ("80M", True, False)]
 
 
-def plan_config(model_dir: str, checkpointing: bool):
+def lengths(images: bool):
+    """(prompt, response) tokens of every row."""
+    return (96, 32) if images else (64, 64)
+
+
+def plan_config(model_dir: str, checkpointing: bool, images: bool = False):
     """The trainer config of the measured update (what the planner is asked about)."""
     from mtrl.training.training_config import load_config
 
+    prompt, response = lengths(images)
+    pixels = (IMAGE_GRID * 14) ** 2
     return load_config([
-        "dataset.train_files=unused.jsonl", f"dataset.max_prompt_length={PROMPT}",
-        f"dataset.max_response_length={RESPONSE}", f"dataset.rollout_batch_size={ROWS}",
+        "dataset.train_files=unused.jsonl", f"dataset.max_prompt_length={prompt}",
+        f"dataset.max_response_length={response}", f"dataset.rollout_batch_size={ROWS}",
+        f"dataset.min_pixels={pixels}", f"dataset.max_pixels={pixels}",
         "training.device=cpu", "training.n_gpus_per_node=1", "optimization.advantage_estimator=grpo",
         "optimization.disable_divergence=true", "worker.rollout.n=2", f"worker.actor.global_batch_size={ROWS // 2}",
         f"worker.actor.model.model_path={model_dir}", "worker.actor.fsdp.mixed_precision_dtype=fp32",
@@ -53,11 +66,11 @@ def plan_config(model_dir: str, checkpointing: bool):
     ])
 
 
-def estimate(model_dir: str, checkpointing: bool) -> dict:
+def estimate(model_dir: str, checkpointing: bool, images: bool = False) -> dict:
     from mtrl.tools.memory_plan import GB, plan_memory, read_architecture
 
-    plan = plan_memory(plan_config(model_dir, checkpointing), read_architecture(model_dir), device="cpu",
-                       images_per_sample=0)
+    plan = plan_memory(plan_config(model_dir, checkpointing, images), read_architecture(model_dir), device="cpu",
+                       images_per_sample=1 if images else 0)
     phase = max(("update", "step"), key=plan.total)
     return {"params": plan.arch.params, "estimate_gb": plan.total(phase) / GB, "estimate_phase": phase,
             "components_gb": {r.component: r.bytes.get(phase, 0.0) / GB for r in plan.rows if r.bytes.get(phase)}}
@@ -70,7 +83,7 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def worker(model_dir: str, checkpointing: bool) -> dict:
+def worker(model_dir: str, checkpointing: bool, images: bool = False) -> dict:
     """One real update in this process (world size 1); its measured peak memory."""
     import torch
     import torch.distributed as dist
@@ -87,20 +100,30 @@ def worker(model_dir: str, checkpointing: bool) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    actor = plan_config(model_dir, checkpointing).worker.actor
+    actor = plan_config(model_dir, checkpointing, images).worker.actor
     model = build_fsdp_model(model_dir, fsdp=FSDPConfig(mixed_precision_dtype="fp32"), device_type="cpu",
                              trainable=True, gradient_checkpointing=checkpointing, padding_free=True)
     optimizer = build_optimizer(model, actor.optim)
     agent = ParallelPolicyAgent(actor, model, torch.device("cpu"), optimizer)
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.get_text_config().vocab_size
-    input_ids = torch.randint(0, 600, (ROWS, PROMPT + RESPONSE), generator=g) % vocab
+    prompt, response = lengths(images)
+    input_ids = torch.randint(0, 600, (ROWS, prompt + response), generator=g)  # ordinary (non-special) tokens
+    vision = None
+    if images:
+        c = model.config
+        image_tokens = IMAGE_GRID ** 2 // 4
+        input_ids[:, 0], input_ids[:, image_tokens + 1] = c.vision_start_token_id, c.vision_end_token_id
+        input_ids[:, 1:image_tokens + 1] = c.image_token_id
+        patch_dim = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
+        vision = [{"pixel_values": torch.randn(IMAGE_GRID ** 2, patch_dim, generator=g),
+                   "image_grid_thw": torch.tensor([[1, IMAGE_GRID, IMAGE_GRID]])} for _ in range(ROWS)]
     attention_mask = torch.ones_like(input_ids)
     batch = DataBatch(tensors={
-        "input_ids": input_ids, "attention_mask": attention_mask, "responses": input_ids[:, PROMPT:],
-        "position_ids": sequence_position_ids(model.config, input_ids, attention_mask, None),
-        "response_mask": torch.ones(ROWS, RESPONSE), "old_log_probs": -6.0 * torch.ones(ROWS, RESPONSE),
-        "advantages": torch.randn(ROWS, RESPONSE, generator=g)})
+        "input_ids": input_ids, "attention_mask": attention_mask, "responses": input_ids[:, prompt:],
+        "position_ids": sequence_position_ids(model.config, input_ids, attention_mask, vision),
+        "response_mask": torch.ones(ROWS, response), "old_log_probs": -6.0 * torch.ones(ROWS, response),
+        "advantages": torch.randn(ROWS, response, generator=g)},
+        non_tensors={"multi_modal_inputs": vision} if images else {})
     opt = OptimizationConfig(disable_divergence=True)
     agent.update_policy(batch, 1.0, opt, ROWS)  # creates the AdamW state
     static = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
@@ -117,12 +140,14 @@ def worker(model_dir: str, checkpointing: bool) -> dict:
             "update_rise_gb": rise / gb}
 
 
-def run_case(model_dir: str, checkpointing: bool) -> dict:
+def run_case(model_dir: str, checkpointing: bool, images: bool = False) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, __file__, "--worker", model_dir] + (["--checkpointing"] if checkpointing else []),
+    flags = (["--checkpointing"] if checkpointing else []) + (["--images"] if images else [])
+    out = subprocess.run([sys.executable, __file__, "--worker", model_dir] + flags,
                          env=env, capture_output=True, text=True, check=True)
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    result = {**estimate(model_dir, checkpointing), **measured, "gradient_checkpointing": checkpointing}
+    result = {**estimate(model_dir, checkpointing, images), **measured, "gradient_checkpointing": checkpointing,
+              "images": images}
     result["ratio"] = result["estimate_gb"] / result["measured_gb"]
     return result
 
@@ -143,18 +168,19 @@ def main() -> int:
     parser.add_argument("--model-dir", default=None, help="where the tiny models are built (default: a temp dir)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--images", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.checkpointing)))
+        print(json.dumps(worker(args.worker, args.checkpointing, args.images)))
         return 0
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="mtrl-memplan-"))
     results = []
-    for name, ckpt in CASES:
+    for name, ckpt, images in CASES:
         if args.cases and name not in args.cases:
             continue
-        r = {"case": name, **run_case(build_model(name, folder), ckpt)}
+        r = {"case": name, **run_case(build_model(name, folder), ckpt, images)}
         results.append(r)
-        print(f"{name} ({r['params'] / 1e6:.1f}M params), checkpointing={ckpt}: estimate {r['estimate_gb']:.3f} GB "
+        print(f"{name} ({r['params'] / 1e6:.1f}M params), checkpointing={ckpt}, images={images}: estimate {r['estimate_gb']:.3f} GB "
               f"({r['estimate_phase']}), measured {r['measured_gb']:.3f} GB (params {r['params_gb']:.3f} + AdamW "
               f"{r['adamw_gb']:.3f} + update rise {r['update_rise_gb']:.3f}): ratio {r['ratio']:.3f}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -361,6 +361,7 @@ def _trained_role_rows(label: str, role, arch: Architecture, params: int, traina
     `phases`: all of the plan's; `active`: those in which the model is used (offloaded otherwise, if asked);
     `training`: the names of its (update, step) phases."""
     update, step = training
+    active = [p for p in active if p in phases]
     fsdp, offload = role.fsdp, role.offload
     shards = 1 if fsdp.sharding_strategy == "NO_SHARD" else world
     on_device = not fsdp.cpu_offload
