@@ -306,6 +306,9 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
             try:
                 ensure_builtin_assets(config)
                 absolutize_paths(config)
+                from mtrl.tools.memory_plan import check_memory_at_startup  # noqa: PLC0415
+
+                check_memory_at_startup(config, on_gpu=uses_gpu(config.training))
                 trainer = trainer_cls(config)
                 trainer.stop = stop
                 final = trainer.fit()
