@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from mtrl.models.ulysses import SP_GROUP_KWARG, SP_PADDING_MASK_KWARG, ulysses_attention
 from mtrl.utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -226,6 +227,10 @@ def varlen_attention_forward(
     Registered under :data:`VARLEN_ATTENTION` (``backend="auto"``), :data:`VARLEN_ATTENTION_TORCH`
     and :data:`VARLEN_ATTENTION_FA`. Returns ``(attn_output (B, T, H, D), None)``.
     """
+    sp_group = kwargs.pop(SP_GROUP_KWARG, None)
+    if sp_group is not None:  # a sequence slice of a Ulysses group (mtrl.models.ulysses)
+        return ulysses_attention(functools.partial(varlen_attention_forward, backend=backend), module, query, key,
+                                 value, sp_group, kwargs.pop(SP_PADDING_MASK_KWARG, None), scaling, dropout, kwargs)
     is_causal = kwargs.pop("is_causal", None)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     # Segments are a decoder notion. A bidirectional caller (a vision tower loaded with this
