@@ -189,3 +189,52 @@ def test_critic_values_equal_without_sequence_parallelism(workers, padding_free)
         torch.testing.assert_close(result[2]["values"], result[1]["values"], rtol=1e-5, atol=1e-5)
         assert float(result[1]["values"].abs().sum()) > 0
         torch.testing.assert_close(result[2]["score_grad"], result[1]["score_grad"], rtol=1e-4, atol=1e-6)
+
+
+# The quickstart's RL step with a critic (GAE) and a divergence loss to the reference: all three models
+# run their passes sequence-parallel.
+E2E_OVERRIDES = ("optimization.advantage_estimator=gae", "optimization.disable_divergence=false",
+                 "optimization.use_divergence_loss=true", "optimization.divergence_penalty=low_var_kl")
+E2E_COMPARED = ("actor/pg_loss", "actor/entropy", "actor/divergence_loss", "actor/grad_norm", "critic/vf_loss",
+                "critic/grad_norm", "reward/overall", "response_length/mean", "val/reward_score")
+
+
+@pytest.mark.slow
+def test_rl_run_with_ulysses_on_two_workers_equals_without(tmp_path):
+    from test_end_to_end import run_cli
+
+    _, plain = run_cli(tmp_path, "plain", *E2E_OVERRIDES, steps=2)
+    _, split = run_cli(tmp_path, "ulysses", "worker.actor.ulysses_size=2", *E2E_OVERRIDES, steps=2)
+    assert [r["step"] for r in split] == [r["step"] for r in plain]
+    compared = 0
+    for a, b in zip(plain, split):
+        for key in E2E_COMPARED:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+                compared += 1
+    assert compared >= 2 * 7
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("worker.actor.ulysses_size=0", r"`worker.actor.ulysses_size` = 0 must be > 0"),
+    ("worker.actor.ulysses_size=3", r"`worker.actor.ulysses_size` = 3 must divide the 2 workers"),
+])
+def test_config_rejects_a_ulysses_size_that_does_not_divide_the_workers(override, pattern):
+    from mtrl.training.training_config import ConfigError, load_config
+
+    base = ["dataset.train_files=train.jsonl", "optimization.advantage_estimator=grpo", "worker.rollout.n=2",
+            "dataset.rollout_batch_size=8", "worker.actor.global_batch_size=4", "training.n_gpus_per_node=2"]
+    with pytest.raises(ConfigError, match=pattern):
+        load_config([*base, override])
+
+
+def test_config_rejects_a_ulysses_size_that_does_not_divide_the_heads(capsys):
+    """The tiny model has 4 query and 2 key-value heads: 4 ranks per group cannot split the key-value heads."""
+    from mtrl.training.training_main import main
+
+    code = main(["dataset.train_files=train.jsonl", "optimization.advantage_estimator=grpo", "worker.rollout.n=2",
+                 "dataset.rollout_batch_size=8", "worker.actor.global_batch_size=4", "training.n_gpus_per_node=4",
+                 f"worker.actor.model.model_path={tiny_vl_model()}", "worker.actor.ulysses_size=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "`worker.actor.ulysses_size` = 4 must divide the model's attention heads (4 query, 2 key-value" in err

@@ -20,6 +20,10 @@ CPU (and flex has no CPU backward), so we register our own attention function wi
   like transformers' ``sdpa`` implementation, so one model object serves the padded path, the
   packed path and rollouts.
 
+Under Ulysses sequence parallelism (:mod:`mtrl.models.ulysses`) the decoder hook adds the sp group to
+the kwargs; the function then all-to-alls q/k/v to whole sequences over a share of the heads, runs the
+same segment-causal (or padded-causal) attention and all-to-alls the output back.
+
 The vision tower of Qwen-VL models is left on its own implementation (sdpa, eager or
 flash_attention_2): it builds its own per-image ``cu_seqlens``. Why mtrl uses its *own* kwarg names
 for the text segments: transformers forwards the top-level ``**kwargs`` into the vision tower too,
