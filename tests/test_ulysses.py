@@ -4,7 +4,8 @@ Two real Ray worker processes (gloo) shard one tiny model with FSDP2; on the sam
 rows the actor's passes run once without sequence parallelism and once with both ranks in one Ulysses
 group (each holding half of every sequence, all-to-all inside the attention): log-probs, entropies,
 the update's full gradients (policy-gradient and SFT rows) and the critic's values must agree. Text
-Qwen2 and Qwen2-VL (images, mRoPE position ids), padding-free (packed) and padded batches.
+Qwen2, Qwen2-VL (images, mRoPE position ids) and Qwen3-VL (deepstack features), padding-free (packed) and
+padded batches.
 """
 
 import sys
@@ -110,9 +111,14 @@ def rl_columns(rows: DataBatch, seed: int = 0) -> DataBatch:
     return rows
 
 
-def vl_batch() -> tuple:
+def vl_batch(arch: str = "qwen2_vl") -> tuple:
     """Shapes-task rows with images (mRoPE position ids), half of them expert (SFT) rows."""
-    task, model_path = shapes_task(), tiny_vl_model()
+    from mtrl.models.tiny import ensure_tiny_model
+    from mtrl.utils.shapes_task import task_corpus
+
+    task = shapes_task()
+    model_path = tiny_vl_model() if arch == "qwen2_vl" else \
+        ensure_tiny_model(f"{assets_root()}/tiny_{arch}", arch=arch, corpus=task_corpus("easy"))
     tokenizer, processor = load_processor(model_path)
     data = SFTDataset(f"{task}/train.jsonl", tokenizer, processor, load_config(model_path), **dataset_kwargs(task))
     rows = rl_columns(data.collate([data[i] for i in range(ROWS)]))
@@ -143,7 +149,8 @@ def text_batch() -> tuple:
     return rl_columns(rows), model_path
 
 
-BATCHES = {"qwen2": text_batch, "qwen2_vl": vl_batch}
+# Qwen3-VL adds its deepstack image features inside the decoder: they are sliced with the sequence.
+BATCHES = {"qwen2": text_batch, "qwen2_vl": vl_batch, "qwen3_vl": lambda: vl_batch("qwen3_vl")}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +166,7 @@ def workers():
 
 
 @pytest.mark.parametrize("padding_free", [True, False], ids=["packed", "padded"])
-@pytest.mark.parametrize("arch", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_vl", "qwen3_vl"])
 def test_actor_passes_equal_without_sequence_parallelism(workers, arch, padding_free):
     rows, model_path = BATCHES[arch]()
     per_rank = workers.actor_passes(rows, model_path, padding_free)
@@ -199,6 +206,12 @@ E2E_COMPARED = ("actor/pg_loss", "actor/entropy", "actor/divergence_loss", "acto
                 "critic/grad_norm", "reward/overall", "response_length/mean", "val/reward_score")
 
 
+# Step 1 (and validation before it) runs on the same weights: equal to float rounding. Step 2 follows one
+# Adam step, which is close to lr * sign(gradient) and so turns rounding-level differences of near-zero
+# gradient entries into lr-sized weight differences (as in tests/test_worker_count_invariance.py).
+E2E_TOLERANCE = {1: dict(rel=1e-5, abs=1e-6), 2: dict(rel=1e-3, abs=2e-4)}
+
+
 @pytest.mark.slow
 def test_rl_run_with_ulysses_on_two_workers_equals_without(tmp_path):
     from test_end_to_end import run_cli
@@ -210,7 +223,7 @@ def test_rl_run_with_ulysses_on_two_workers_equals_without(tmp_path):
     for a, b in zip(plain, split):
         for key in E2E_COMPARED:
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], **E2E_TOLERANCE[max(a["step"], 1)]), (a["step"], key)
                 compared += 1
     assert compared >= 2 * 7
 
