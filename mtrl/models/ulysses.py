@@ -129,11 +129,14 @@ def ulysses_attention(attend: Callable, module: nn.Module, query, key, value, gr
     if padding_mask is not None:
         out = _padded_causal_attention(q, k, v, padding_mask, scaling, dropout if module.training else 0.0)
     else:
-        from mtrl.models.attention import CU_SEQLENS_KWARG  # noqa: PLC0415 (attention imports this module)
+        from mtrl.models.attention import CU_SEQLENS_KWARG, MAX_SEQLEN_KWARG  # noqa: PLC0415 (imports this module)
 
         cu = kwargs.get(CU_SEQLENS_KWARG)
         if cu is not None and int(cu[-1]) < seq_len:  # the split's padding: one more segment of its own
+            pad = seq_len - int(cu[-1])
             kwargs[CU_SEQLENS_KWARG] = torch.cat([cu, cu.new_tensor([seq_len])])
+            if kwargs.get(MAX_SEQLEN_KWARG) is not None:
+                kwargs[MAX_SEQLEN_KWARG] = max(int(kwargs[MAX_SEQLEN_KWARG]), pad)
         out, _ = attend(module, q, k, v, None, scaling=scaling, dropout=dropout, **kwargs)
     return _AllToAll.apply(out, group, 1, 2), None  # (B, S, H/sp, D) -> (B, S/sp, H, D)
 
