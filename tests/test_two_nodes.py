@@ -112,3 +112,16 @@ def test_rl_stage_on_two_nodes_equals_one_node(tmp_path, two_node_cluster, monke
                 compared += 1
     assert compared >= STEPS * 5
     assert "Connecting to existing Ray cluster" in proc.stdout + proc.stderr
+
+
+def test_a_multi_node_pool_needs_as_many_nodes():
+    """Two nodes' worth of workers on a one-node cluster: a clear error, not two placement groups on one node."""
+    ray = pytest.importorskip("ray")
+    from mtrl.single_controller.ray import RayResourcePool, init_ray
+
+    init_ray(num_cpus=4)
+    try:
+        with pytest.raises(RuntimeError, match=r"could not find 2 distinct nodes for \[1, 1\] workers per node"):
+            RayResourcePool([1, 1], use_gpu=False).placement_groups
+    finally:
+        ray.shutdown()
