@@ -253,17 +253,19 @@ def test_rl_run_with_ulysses_on_two_workers_equals_without(tmp_path):
     assert compared >= 2 * 7
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ("worker.actor.ulysses_size=0", r"`worker.actor.ulysses_size` = 0 must be > 0"),
-    ("worker.actor.ulysses_size=3", r"`worker.actor.ulysses_size` = 3 must divide the 2 workers"),
+@pytest.mark.parametrize("overrides,pattern", [
+    (["worker.actor.ulysses_size=0"], r"`worker.actor.ulysses_size` = 0 must be > 0"),
+    (["worker.actor.ulysses_size=3"], r"`worker.actor.ulysses_size` = 3 must divide the 2 workers"),
+    (["worker.actor.ulysses_size=2", "training.mode=dpo", "dataset.preference_files=pairs.jsonl"],
+     r"sequence parallelism runs in the actor, reference and critic .*not in training.mode = dpo"),
 ])
-def test_config_rejects_a_ulysses_size_that_does_not_divide_the_workers(override, pattern):
+def test_config_rejects_a_ulysses_size_it_cannot_run(overrides, pattern):
     from mtrl.training.training_config import ConfigError, load_config
 
     base = ["dataset.train_files=train.jsonl", "optimization.advantage_estimator=grpo", "worker.rollout.n=2",
             "dataset.rollout_batch_size=8", "worker.actor.global_batch_size=4", "training.n_gpus_per_node=2"]
     with pytest.raises(ConfigError, match=pattern):
-        load_config([*base, override])
+        load_config([*base, *overrides])
 
 
 def test_config_rejects_a_ulysses_size_that_does_not_divide_the_heads(capsys):

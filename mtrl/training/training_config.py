@@ -475,6 +475,9 @@ def _validate_ulysses(config: MTRLConfig) -> None:
     """Ulysses groups are consecutive blocks of `ulysses_size` workers, each rank attending with heads / sp heads."""
     size, world = config.worker.actor.ulysses_size, config.training.world_size
     _positive("worker.actor.ulysses_size", size)
+    if size > 1 and config.training.mode in ("dpo", "reward_model"):
+        raise ConfigError(f"`worker.actor.ulysses_size` = {size}: sequence parallelism runs in the actor, reference "
+                          f"and critic (modes rl and sft), not in training.mode = {config.training.mode}; use 1.")
     if world % size:
         raise ConfigError(f"`worker.actor.ulysses_size` = {size} must divide the {world} workers "
                           f"(`training.nnodes` x `training.n_gpus_per_node`).")
