@@ -15,6 +15,7 @@ from torch import nn
 from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
 from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
+from mtrl.models.ulysses import SequenceParallel, check_heads_divisible, install_sequence_parallel
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
 from mtrl.protocol import DataBatch
@@ -92,14 +93,28 @@ def expert_masks(mini_batch: DataBatch) -> Tuple[torch.Tensor, torch.Tensor]:
     return mask * (1 - expert), mask * expert
 
 
+def use_sequence_parallel(model: nn.Module, sequence_parallel: Optional[SequenceParallel]) -> SequenceParallel:
+    """The group `model`'s forwards are split over (hooks installed when it has more than one rank)."""
+    sequence_parallel = sequence_parallel or SequenceParallel()
+    if sequence_parallel.size > 1:
+        check_heads_divisible(model.config, sequence_parallel.size)
+        install_sequence_parallel(model)
+    return sequence_parallel
+
+
 class ParallelPolicyAgent:
+    """`sequence_parallel`: the Ulysses group of this rank (mtrl.models.ulysses); each micro-batch of every
+    member of the group is run by the whole group, each rank holding a slice of its sequence."""
+
     def __init__(self, config: ActorConfig, model: nn.Module, device: torch.device,
-                 optimizer: Optional[torch.optim.Optimizer] = None):
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 sequence_parallel: Optional[SequenceParallel] = None):
         self.config = config
         self.model = model
         self.device = device
         self.optimizer = optimizer
         self.skipped_updates = SkippedUpdates("actor")
+        self.sp = use_sequence_parallel(model, sequence_parallel)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -110,11 +125,12 @@ class ParallelPolicyAgent:
         vision = mb.non_tensors.get("multi_modal_inputs")
         if vision is not None and transform_vision is not None:
             vision = transform_vision(list(vision), mb)
-        return forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
-                                   response_length=mb.tensors["responses"].shape[1], temperature=temperature,
-                                   padding_free=self.config.padding_free,
-                                   return_entropy=return_entropy or entropy_bonus, entropy_grad=entropy_bonus,
-                                   return_logits=return_logits)
+        with self.sp.active():
+            return forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
+                                       response_length=mb.tensors["responses"].shape[1], temperature=temperature,
+                                       padding_free=self.config.padding_free,
+                                       return_entropy=return_entropy or entropy_bonus, entropy_grad=entropy_bonus,
+                                       return_logits=return_logits)
 
     @torch.no_grad()
     def compute_log_probs(self, batch: DataBatch, temperature: float, return_entropy: bool = False,
@@ -125,10 +141,13 @@ class ParallelPolicyAgent:
         order: List[int] = []
         for mb, rows in make_micro_batches(batch, self.config.micro_batch_size_per_device_for_experience,
                                            self.config.dynamic_batching, self.config.max_token_len_per_device):
-            out = self._forward(mb, temperature, return_entropy=return_entropy, transform_vision=transform_vision)
-            for key in ("log_probs", "entropy"):
-                if out.get(key) is not None:
-                    outputs.setdefault(key, []).append(out[key].float().cpu())
+            for member_mb, mine in self.sp.each_member(mb):
+                out = self._forward(member_mb, temperature, return_entropy=return_entropy,
+                                    transform_vision=transform_vision)
+                if mine:
+                    for key in ("log_probs", "entropy"):
+                        if out.get(key) is not None:
+                            outputs.setdefault(key, []).append(out[key].float().cpu())
             order.extend(rows)
         inverse = torch.argsort(torch.tensor(order))
         return {k: torch.cat(v)[inverse] for k, v in outputs.items()}
@@ -140,12 +159,15 @@ class ParallelPolicyAgent:
         scores, order = [], []
         for mb, rows in make_micro_batches(batch, self.config.micro_batch_size_per_device_for_experience,
                                            self.config.dynamic_batching, self.config.max_token_len_per_device):
-            clean = self._forward(mb, temperature, return_logits=True)
-            perturbed = self._forward(mb, temperature, return_logits=True, transform_vision=transform_vision)
-            mask = mb.tensors["response_mask"].to(self.device)
-            scores.append(po.compute_visual_dependency(clean["log_probs"], perturbed["log_probs"], mask,
-                                                       estimator="full_kl", logits=clean["logits"],
-                                                       aug_logits=perturbed["logits"]).float().cpu())
+            for member_mb, mine in self.sp.each_member(mb):
+                clean = self._forward(member_mb, temperature, return_logits=True)
+                perturbed = self._forward(member_mb, temperature, return_logits=True,
+                                          transform_vision=transform_vision)
+                if mine:
+                    mask = member_mb.tensors["response_mask"].to(self.device)
+                    scores.append(po.compute_visual_dependency(clean["log_probs"], perturbed["log_probs"], mask,
+                                                               estimator="full_kl", logits=clean["logits"],
+                                                               aug_logits=perturbed["logits"]).float().cpu())
             order.extend(rows)
         return torch.cat(scores)[torch.argsort(torch.tensor(order))]
 
@@ -181,10 +203,12 @@ class ParallelPolicyAgent:
                 mini_metrics: Dict[str, float] = {}
                 for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
                                                 cfg.dynamic_batching, cfg.max_token_len_per_device):
-                    loss, micro_metrics = self._micro_batch_loss(mb, temperature, opt, norm)
-                    (loss * world).backward()
-                    for k, v in micro_metrics.items():
-                        mini_metrics[k] = mini_metrics.get(k, 0.0) + v
+                    for member_mb, _ in self.sp.each_member(mb):
+                        loss, micro_metrics = self._micro_batch_loss(member_mb, temperature, opt, norm)
+                        # Every rank of a sequence-parallel group holds the member's whole loss: 1/sp each.
+                        (loss * world / self.sp.size).backward()
+                        for k, v in micro_metrics.items():
+                            mini_metrics[k] = mini_metrics.get(k, 0.0) + v / self.sp.size
                 record("actor/grad_norm", self.skipped_updates.record(
                     clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)))
                 # Every metric is a micro-batch's share of a global mean (losses by their normalisers, the

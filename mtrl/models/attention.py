@@ -20,6 +20,10 @@ CPU (and flex has no CPU backward), so we register our own attention function wi
   like transformers' ``sdpa`` implementation, so one model object serves the padded path, the
   packed path and rollouts.
 
+Under Ulysses sequence parallelism (:mod:`mtrl.models.ulysses`) the decoder hook adds the sp group to
+the kwargs; the function then all-to-alls q/k/v to whole sequences over a share of the heads, runs the
+same segment-causal (or padded-causal) attention and all-to-alls the output back.
+
 The vision tower of Qwen-VL models is left on its own implementation (sdpa, eager or
 flash_attention_2): it builds its own per-image ``cu_seqlens``. Why mtrl uses its *own* kwarg names
 for the text segments: transformers forwards the top-level ``**kwargs`` into the vision tower too,
@@ -44,6 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from mtrl.models.ulysses import SP_GROUP_KWARG, SP_PADDING_MASK_KWARG, ulysses_attention
 from mtrl.utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -226,6 +231,10 @@ def varlen_attention_forward(
     Registered under :data:`VARLEN_ATTENTION` (``backend="auto"``), :data:`VARLEN_ATTENTION_TORCH`
     and :data:`VARLEN_ATTENTION_FA`. Returns ``(attn_output (B, T, H, D), None)``.
     """
+    sp_group = kwargs.pop(SP_GROUP_KWARG, None)
+    if sp_group is not None:  # a sequence slice of a Ulysses group (mtrl.models.ulysses)
+        return ulysses_attention(functools.partial(varlen_attention_forward, backend=backend), module, query, key,
+                                 value, sp_group, kwargs.pop(SP_PADDING_MASK_KWARG, None), scaling, dropout, kwargs)
     is_causal = kwargs.pop("is_causal", None)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     # Segments are a decoder notion. A bidirectional caller (a vision tower loaded with this

@@ -364,9 +364,7 @@ def validate_config(config: MTRLConfig) -> None:
     _validate_policy_loss_settings(config)
     _validate_rollout_engine(config)
 
-    if a.ulysses_size != 1:
-        raise ConfigError(f"`worker.actor.ulysses_size` = {a.ulysses_size}: Ulysses sequence parallelism is not "
-                          f"implemented in this version of MTRL; use 1.")
+    _validate_ulysses(config)
     if a.use_torch_compile:
         raise ConfigError("`worker.actor.use_torch_compile` = true is not supported in this version of MTRL "
                           "(FSDP2 + varlen attention are not compiled yet); use false.")
@@ -510,6 +508,35 @@ def _validate_training_modes(config: MTRLConfig) -> None:
     if t.mode == "rl" and w.reward.reward_type == "model" and not w.reward.reward_model_path:
         raise ConfigError("`worker.reward.reward_type` = model needs `worker.reward.reward_model_path` (a folder "
                           "written by a reward_model stage or run).")
+
+
+def _attention_heads(model_path: Optional[str]) -> Optional[tuple]:
+    """(query heads, key-value heads) of the text decoder in a local model folder's config.json, else None."""
+    path = os.path.join(model_path or "", "config.json")
+    if not model_path or not os.path.isfile(path):
+        return None  # a Hub id, or a built-in model generated at start-up
+    with open(path) as f:
+        text = json.load(f)
+    text = text.get("text_config") or text
+    heads = text.get("num_attention_heads")
+    return None if heads is None else (heads, text.get("num_key_value_heads") or heads)
+
+
+def _validate_ulysses(config: MTRLConfig) -> None:
+    """Ulysses groups are consecutive blocks of `ulysses_size` workers, each rank attending with heads / sp heads."""
+    size, world = config.worker.actor.ulysses_size, config.training.world_size
+    _positive("worker.actor.ulysses_size", size)
+    if size > 1 and config.training.mode in ("dpo", "reward_model"):
+        raise ConfigError(f"`worker.actor.ulysses_size` = {size}: sequence parallelism runs in the actor, reference "
+                          f"and critic (modes rl and sft), not in training.mode = {config.training.mode}; use 1.")
+    if world % size:
+        raise ConfigError(f"`worker.actor.ulysses_size` = {size} must divide the {world} workers "
+                          f"(`training.nnodes` x `training.n_gpus_per_node`).")
+    heads = _attention_heads(config.worker.actor.model.model_path) if size > 1 else None
+    if heads is not None and (heads[0] % size or heads[1] % size):
+        raise ConfigError(f"`worker.actor.ulysses_size` = {size} must divide the model's attention heads "
+                          f"({heads[0]} query, {heads[1]} key-value heads in "
+                          f"{config.worker.actor.model.model_path}/config.json).")
 
 
 def _validate_batch_sizes(config: MTRLConfig) -> None:

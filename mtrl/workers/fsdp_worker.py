@@ -93,8 +93,10 @@ class FSDPWorker(Worker):
         """`build_fsdp_model` on this worker's device with the model, FSDP and padding-free settings of `role`
         (`options`: `head`, `adapter`)."""
         model = role.model
+        # Ulysses attention is the varlen attention's (mtrl.models.ulysses), padded batches included.
+        varlen = role.padding_free or self.config.worker.actor.ulysses_size > 1
         return build_fsdp_model(model_path, fsdp=role.fsdp, device_type=self.device.type, trainable=trainable,
                                 gradient_checkpointing=model.enable_gradient_checkpointing,
-                                freeze_vision_tower=model.freeze_vision_tower, padding_free=role.padding_free,
+                                freeze_vision_tower=model.freeze_vision_tower, padding_free=varlen,
                                 attn_implementation=model.attn_implementation,
                                 trust_remote_code=model.trust_remote_code, **options)

@@ -16,7 +16,8 @@ Colocated roles (one process per device holding several workers):
 
 Placement: the pool reserves one STRICT_PACK placement group per node, one bundle per worker
 ({"CPU": c, "GPU": 1}, or {"CPU": c} on CPU). Worker `rank` runs in bundle `rank` (ranks numbered
-node by node), so LOCAL_RANK is the bundle index within its node's placement group.
+node by node), so LOCAL_RANK is the bundle index within its node's placement group. With several
+nodes each placement group is pinned to a different node (`training.nnodes` distinct machines).
 
 Environment: each actor gets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT and
 MTRL_USE_GPU through `runtime_env={"env_vars": ...}`. Ray starts a fresh worker process per distinct
@@ -39,6 +40,9 @@ from mtrl.single_controller.base.colocated import (ROLE_SEPARATOR, ColocatedWork
                                                    role_method_prefix)
 from mtrl.single_controller.base.worker import USE_GPU_ENV, Worker
 from mtrl.single_controller.base.worker_group import WorkerDiedError, WorkerGroup
+from mtrl.utils.logger import get_logger
+
+logger = get_logger(__name__)
 
 # Environment for every Ray worker process of the job (init_ray); user env_vars override these.
 DEFAULT_WORKER_ENV = {
@@ -117,12 +121,37 @@ class RayResourcePool:
             self._placement_groups = self._create_placement_groups()
         return self._placement_groups
 
+    def _nodes_with_room(self) -> List[str]:
+        """One distinct alive node id per entry of `process_on_nodes`, each with room for that node's workers.
+
+        STRICT_PACK keeps one placement group on one machine, but two groups could still share one: a
+        multi-node pool pins each group to its own node (the `ray.io/node-id` label), largest nodes first.
+        """
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        nodes.sort(key=lambda n: -n["Resources"].get("GPU" if self.use_gpu else "CPU", 0.0))
+        chosen: List[str] = []
+        for count in self.process_on_nodes:
+            for node in nodes:
+                if node["NodeID"] not in chosen and all(
+                        node["Resources"].get(key, 0.0) >= count * amount for key, amount in self.bundle().items()):
+                    chosen.append(node["NodeID"])
+                    break
+            else:
+                raise RuntimeError(
+                    f"Ray could not find {self.num_nodes} distinct nodes for {self.process_on_nodes} workers per node "
+                    f"with {self.bundle()} each; the cluster's nodes: "
+                    f"{[n['Resources'] for n in nodes]}")
+        return chosen
+
     def _create_placement_groups(self) -> List[PlacementGroup]:
         groups = []
-        for node, n in enumerate(self.process_on_nodes):
+        node_ids = self._nodes_with_room() if self.num_nodes > 1 else [None]
+        for node, (n, node_id) in enumerate(zip(self.process_on_nodes, node_ids)):
             name = f"{self.name_prefix}node{node}" if self.name_prefix else ""
             # STRICT_PACK: a node's workers share one machine (local ranks, NVLink, loopback rendezvous).
-            groups.append(placement_group([self.bundle() for _ in range(n)], strategy="STRICT_PACK", name=name))
+            selector = None if node_id is None else [{"ray.io/node-id": node_id}] * n
+            groups.append(placement_group([self.bundle() for _ in range(n)], strategy="STRICT_PACK", name=name,
+                                          bundle_label_selector=selector))
         ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=PLACEMENT_GROUP_TIMEOUT_S)
         if len(ready) < len(groups):
             for pg in groups:
@@ -209,6 +238,10 @@ def _death_cause(error: "ray.exceptions.RayActorError") -> str:
     return f"{detail} (pid {pid}; the usual causes: the out-of-memory killer, a SIGKILL, a crash in native code)"
 
 
+def _node_id(_worker: Any) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 def _is_small_value(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, ray.ObjectRef))
 
@@ -222,6 +255,13 @@ class RayWorkerGroup(WorkerGroup):
         actors = self._create_actors(resource_pool, ray_cls_with_init, env_vars or {})
         self._state = _GroupState(actors, resource_pool)
         super().__init__(actors, ray_cls_with_init.cls)
+        if resource_pool.num_nodes > 1:
+            places = ", ".join(f"rank {r} on {node[:8]}" for r, node in enumerate(self.node_ids()))
+            logger.info(f"{self.name_prefix}: {len(actors)} workers on {resource_pool.num_nodes} nodes ({places})")
+
+    def node_ids(self) -> List[str]:
+        """The Ray node id each rank's process runs on, as the worker itself reports it (rank order)."""
+        return ray.get([a.__ray_call__.remote(_node_id) for a in self._state.actors])
 
     # ------------------------------------------------------------------ creation
 

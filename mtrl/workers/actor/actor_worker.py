@@ -15,6 +15,7 @@ from mtrl.config.worker import WorkerRunConfig
 from mtrl.models import lora
 from mtrl.models.dtypes import resolve_dtype
 from mtrl.models.loader import load_model
+from mtrl.models.ulysses import SequenceParallel
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, register
 from mtrl.utils import checkpoint
@@ -68,12 +69,13 @@ class ActorRolloutRefWorker(FSDPWorker):
         if self.with_optimizer:
             optimizer = fsdp_utils.build_optimizer(self.actor, cfg.actor.optim)
             self.lr_scheduler = fsdp_utils.build_lr_scheduler(optimizer, cfg.actor.optim, total_training_steps)
-        self.agent = ParallelPolicyAgent(cfg.actor, self.actor, self.device, optimizer)
+        sequence_parallel = SequenceParallel.create(cfg.actor.ulysses_size)
+        self.agent = ParallelPolicyAgent(cfg.actor, self.actor, self.device, optimizer, sequence_parallel)
         self.ref_agent = None
         # With LoRA the reference policy is the actor with its adapter disabled: no second copy.
         if self.with_ref and lora.peft_type(cfg.actor.model) is None:
             self.ref = self.build_model(model_path, cfg.actor, trainable=False)
-            self.ref_agent = ParallelPolicyAgent(cfg.actor, self.ref, self.device)
+            self.ref_agent = ParallelPolicyAgent(cfg.actor, self.ref, self.device, sequence_parallel=sequence_parallel)
             if cfg.ref.offload_params:
                 self.ref.to("cpu")
         if cfg.actor.offload.offload_params:

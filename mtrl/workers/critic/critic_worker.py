@@ -5,8 +5,10 @@ from typing import Dict
 import torch
 
 from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
-from mtrl.agents.parallel_policy_agent import all_reduce_sums, global_normalisers, make_micro_batches, token_weighted
+from mtrl.agents.parallel_policy_agent import (all_reduce_sums, global_normalisers, make_micro_batches,
+                                               token_weighted, use_sequence_parallel)
 from mtrl.models.packing import forward_micro_batch
+from mtrl.models.ulysses import SequenceParallel
 from mtrl.optimization import policy_optimization as po
 from mtrl.protocol import DataBatch
 from mtrl.single_controller.base import Dispatch, register
@@ -22,6 +24,8 @@ class CriticWorker(FSDPWorker):
         self.setup_process()  # no tokenizer: the critic reads token ids only
         # model_path: the critic's own or (filled in on the driver) the policy's.
         self.model = self.build_model(cfg.model.model_path, cfg, trainable=True, head="value")
+        # The actor's Ulysses size: one (dp, sp) layout for every model of the worker group.
+        self.sp = use_sequence_parallel(self.model, SequenceParallel.create(self.config.worker.actor.ulysses_size))
         self.optimizer = fsdp_utils.build_optimizer(self.model, cfg.optim)
         self.skipped_updates = SkippedUpdates("critic")
         self.lr_scheduler = fsdp_utils.build_lr_scheduler(self.optimizer, cfg.optim, total_training_steps)
@@ -37,9 +41,10 @@ class CriticWorker(FSDPWorker):
         tensors = {k: mb.tensors[k].to(self.device)
                    for k in ("input_ids", "attention_mask", "position_ids", "responses") if k in mb.tensors}
         vision = mb.non_tensors.get("multi_modal_inputs")
-        out = forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
-                                  response_length=mb.tensors["responses"].shape[1],
-                                  padding_free=self.config.worker.critic.padding_free, value_head=True)
+        with self.sp.active():
+            out = forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
+                                      response_length=mb.tensors["responses"].shape[1],
+                                      padding_free=self.config.worker.critic.padding_free, value_head=True)
         return out["values"]
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
@@ -59,7 +64,10 @@ class CriticWorker(FSDPWorker):
         values, order = [], []
         for mb, rows in make_micro_batches(batch, cfg.micro_batch_size_per_device_for_experience,
                                            cfg.dynamic_batching, cfg.max_token_len_per_device):
-            values.append(self._values(mb).float().cpu() * mb.tensors["response_mask"])
+            for member_mb, mine in self.sp.each_member(mb):
+                member_values = self._values(member_mb)
+                if mine:
+                    values.append(member_values.float().cpu() * mb.tensors["response_mask"])
             order.extend(rows)
         return DataBatch(tensors={"values": torch.cat(values)[torch.argsort(torch.tensor(order))]})
 
@@ -77,14 +85,16 @@ class CriticWorker(FSDPWorker):
                 sums = {"critic/vf_loss": 0.0, "critic/vf_clipfrac": 0.0}
                 for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
                                                 cfg.dynamic_batching, cfg.max_token_len_per_device):
-                    t = {k: mb.tensors[k].to(self.device) for k in ("values", "returns", "response_mask")}
-                    loss, frac = po.compute_value_loss(self._values(mb), t["returns"], t["values"],
-                                                       t["response_mask"], cfg.cliprange_value, cfg.loss_agg_mode,
-                                                       **norm)
-                    (loss * self.world_size).backward()
-                    sums["critic/vf_loss"] += loss.item()
-                    sums["critic/vf_clipfrac"] += token_weighted({"f": frac}, t["response_mask"],
-                                                                 norm["global_token_count"])["f"]
+                    for member_mb, _ in self.sp.each_member(mb):
+                        t = {k: member_mb.tensors[k].to(self.device) for k in ("values", "returns", "response_mask")}
+                        loss, frac = po.compute_value_loss(self._values(member_mb), t["returns"], t["values"],
+                                                           t["response_mask"], cfg.cliprange_value,
+                                                           cfg.loss_agg_mode, **norm)
+                        # Every rank of a sequence-parallel group holds the member's whole loss: 1/sp each.
+                        (loss * self.world_size / self.sp.size).backward()
+                        sums["critic/vf_loss"] += loss.item() / self.sp.size
+                        sums["critic/vf_clipfrac"] += token_weighted({"f": frac}, t["response_mask"],
+                                                                     norm["global_token_count"])["f"] / self.sp.size
                 grad_norm = self.skipped_updates.record(clipped_optimizer_step(self.model, self.optimizer,
                                                                                cfg.max_grad_norm))
                 for k, v in all_reduce_sums(sums, self.device).items():
