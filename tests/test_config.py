@@ -173,9 +173,11 @@ def test_rollout_engine_settings_checked_at_start(overrides, pattern):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_engine_without_vllm_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"rollout.name=vllm but vLLM is not installed"):
-        load_config([*BASE, "worker.rollout.name=vllm"])
+def test_vllm_engine_without_vllm_stops_the_run_before_it_starts(capsys):
+    # The config itself is valid (it can be printed and planned); running it is not.
+    assert main([*BASE, "worker.rollout.name=vllm", "print_config=true"]) == 0
+    assert main([*BASE, "worker.rollout.name=vllm"]) == 2
+    assert "rollout.name=vllm but vLLM is not installed" in capsys.readouterr().err
 
 
 def test_vllm_only_settings_with_the_hf_engine_warn(capfd):

@@ -416,7 +416,8 @@ def validate_config(config: MTRLConfig) -> None:
 
 
 def _validate_rollout_engine(config: MTRLConfig) -> None:
-    """The rollout engine can run as configured (vLLM installed and supported, tensor parallelism fits)."""
+    """The rollout engine's settings fit together (whether vLLM is installed is checked when a run starts:
+    `missing_rollout_engine`, so that configs can be printed and planned where it is not)."""
     w, t = config.worker, config.training
     r = w.rollout
     if not w.hybrid_engine:
@@ -441,10 +442,18 @@ def _validate_rollout_engine(config: MTRLConfig) -> None:
         raise ConfigError(f"`worker.rollout.tensor_parallel_size` = {r.tensor_parallel_size} must divide the workers "
                           f"per node (`training.n_gpus_per_node` = {t.n_gpus_per_node}): a tensor-parallel engine "
                           f"cannot span nodes.")
+
+
+def missing_rollout_engine(config: MTRLConfig) -> Optional[str]:
+    """What is wrong with the installed vLLM when the run (or one of its RL stages) uses it, else None."""
+    from mtrl.training.stages import resolve_stages
+
+    configs = [stage.config for stage in resolve_stages(config)] or [config]
+    if not any(c.training.mode == "rl" and c.worker.rollout.name == "vllm" for c in configs):
+        return None
     from mtrl.workers.rollout.vllm_engine import vllm_version_problem
 
-    if t.mode == "rl" and (problem := vllm_version_problem()):
-        raise ConfigError(problem)
+    return vllm_version_problem()
 
 
 def _validate_policy_loss_settings(config: MTRLConfig) -> None:

@@ -3,7 +3,7 @@
 import sys
 from typing import List, Optional
 
-from mtrl.training.training_config import ConfigError, config_to_yaml, load_config
+from mtrl.training.training_config import ConfigError, config_to_yaml, load_config, missing_rollout_engine
 
 USAGE = """\
 usage: python -m mtrl.training.training_main [config=FILE.yaml] [section.key=value ...] [print_config=true]
@@ -48,6 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if print_only:
         print(config_to_yaml(config), end="")
         return 0
+    problem = missing_rollout_engine(config)
+    if problem:
+        print(f"mtrl: config error: {problem}", file=sys.stderr)
+        return 2
     from mtrl.training.stages import run
 
     return run(config)  # stages, SFT / DPO / reward-model / CHORD runs, or plain RL (run_training)
