@@ -6,6 +6,7 @@ generate -> old log-probs (+entropy) -> perception pass -> reference log-probs -
 """
 
 from dataclasses import replace
+from functools import partial
 from typing import Dict
 
 import torch
@@ -63,7 +64,8 @@ class ActorRolloutRefWorker(FSDPWorker):
         # The adapter (peft_type: LoRA / QLoRA, mtrl.models.lora) goes on the actor only.
         self.actor = self.build_model(model_path, cfg.actor, trainable=self.with_optimizer, adapter=cfg.actor.model)
         self.model_config = self.actor.config
-        self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model)
+        self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model,
+                                             dtype=resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype))
         optimizer = None
         if self.with_optimizer:
             optimizer = fsdp_utils.build_optimizer(self.actor, cfg.actor.optim)
@@ -80,13 +82,16 @@ class ActorRolloutRefWorker(FSDPWorker):
             self.actor.to("cpu")
         eos = self.tokenizer.eos_token_id
         eos_ids = {eos} | set(getattr(self.actor.generation_config, "eos_token_id", None) or [])
-        self.rollout = HFRolloutEngine(self._build_inference_model, self.model_config, sorted(eos_ids),
-                                       self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)
+        self.rollout = HFRolloutEngine(partial(self._build_inference_model, empty=True), self.model_config,
+                                       sorted(eos_ids), self.pad_token_id, self.device,
+                                       cfg.rollout.micro_batch_size_per_device)
 
-    def _build_inference_model(self):
+    def _build_inference_model(self, empty: bool = False):
+        """The plain policy in the compute dtype; `empty`: without its weights (the rollout engine's, which
+        the weight sync fills), else read from the checkpoint (QLoRA's base weights)."""
         actor = self.config.worker.actor
         return load_model(actor.model.model_path, dtype=resolve_dtype(actor.fsdp.mixed_precision_dtype),
-                          attn_implementation="sdpa", trust_remote_code=actor.model.trust_remote_code)
+                          attn_implementation="sdpa", trust_remote_code=actor.model.trust_remote_code, empty=empty)
 
     # ------------------------------------------------------------------ rollout
 
