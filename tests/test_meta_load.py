@@ -61,6 +61,10 @@ class LoadWorker(Worker):
         with torch.no_grad():
             logits = [m(**inputs, use_cache=False).logits for m in (old, new)] if head == "lm" else \
                 [m(**inputs).logits for m in (old, new)]
+        from torch.distributed.fsdp import FSDPModule
+
+        from mtrl.models.loader import vision_blocks, vision_tower
+
         old_params, new_params = dict(old.named_parameters()), dict(new.named_parameters())
         return {
             "logits": logits,
@@ -73,6 +77,8 @@ class LoadWorker(Worker):
             "requires_grad_equal": [p.requires_grad for p in old.parameters()] ==
                                    [p.requires_grad for p in new.parameters()],
             "rng_equal": rng_equal,
+            # Each vision block its own FSDP unit, under the tower's unit (issue 14).
+            "vision_units": [isinstance(m, FSDPModule) for m in [vision_tower(new), *vision_blocks(new)] if m is not None],
             "tied": new.get_output_embeddings().weight is new.get_input_embeddings().weight
             if head == "lm" and adapter is None else None,
         }
@@ -121,13 +127,16 @@ def check(per_rank, dtypes=("torch.float32",)):
         assert rank["sharded"] > 0
         assert rank["dtypes"] == list(dtypes)
         assert rank["tied"] in (True, None)
+        assert all(rank["vision_units"])
     assert torch.equal(per_rank[0]["logits"][1], per_rank[1]["logits"][1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_meta_load_gives_the_same_logits_as_loading_on_every_rank(tiny_dirs, workers, arch):
     path = str(tiny_dirs[arch])
-    check(workers.compare(path, model_inputs(path)))
+    per_rank = workers.compare(path, model_inputs(path))
+    check(per_rank)
+    assert len(per_rank[0]["vision_units"]) == (0 if arch == "qwen2" else 3)  # the tower and its 2 blocks
 
 
 def test_value_head_and_lora(tiny_dirs, workers):

@@ -17,9 +17,10 @@ from mtrl.config.worker import FSDPConfig, ModelConfig, TrainedRoleConfig, Worke
 from mtrl.models import lora
 from mtrl.models.attention import enable_padding_free_attention
 from mtrl.models.dtypes import resolve_dtype
-from mtrl.models.loader import decoder_layers, load_model, load_processor, load_reward_model, vision_tower
+from mtrl.models.loader import (decoder_layers, load_model, load_processor, load_reward_model, vision_blocks,
+                                vision_tower)
 from mtrl.single_controller.base import Worker
-from mtrl.workers.fsdp_utils import apply_fsdp2
+from mtrl.workers.fsdp_utils import PhaseMemory, apply_fsdp2
 
 # "lm": the language model; "value": a fresh scalar head (critic); "score": the folder's trained scalar head
 # (reward model); "score_or_new": the folder's scalar head, or a fresh one when it has none (reward-model training).
@@ -82,7 +83,7 @@ def _adapt_and_shard(model: nn.Module, adapter: Optional[ModelConfig], trainable
         model = lora.apply_lora(model, adapter)
     if not trainable:
         model.requires_grad_(False)
-    return apply_fsdp2(model, fsdp, device_type, decoder_layers(model), vision_tower(model),
+    return apply_fsdp2(model, fsdp, device_type, vision_blocks(model) + decoder_layers(model), vision_tower(model),
                        ignored_params=lora.quantized_params(model))
 
 
@@ -124,6 +125,7 @@ class FSDPWorker(Worker):
         self.config = config
         self.tokenizer = self.processor = None
         self.pad_token_id = 0
+        self.memory = PhaseMemory(self.device)
 
     def setup_process(self, tokenizer_path: Optional[str] = None) -> None:
         """Join the process group, seed torch, silence download bars, load the tokenizer / processor (if asked)."""

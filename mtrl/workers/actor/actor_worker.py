@@ -96,6 +96,7 @@ class ActorRolloutRefWorker(FSDPWorker):
     # ------------------------------------------------------------------ rollout
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("generate")
     def generate_sequences(self, prompts: DataBatch) -> DataBatch:
         """n responses per prompt (`prompts.meta` may override sampling: temperature, n, top_p, top_k, greedy)."""
         rcfg, meta = self.config.worker.rollout, prompts.meta
@@ -132,6 +133,7 @@ class ActorRolloutRefWorker(FSDPWorker):
         return batch.meta.get("temperature", self.config.worker.rollout.temperature) or 1.0
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("log_probs")
     def compute_log_probs(self, batch: DataBatch) -> DataBatch:
         with self._actor_resident():
             out = self.agent.compute_log_probs(batch, self._temperature(batch), return_entropy=True)
@@ -151,6 +153,7 @@ class ActorRolloutRefWorker(FSDPWorker):
                 for mm, uid in zip(vision, mb.non_tensors["sample_uid"])]
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("perception")
     def compute_perception(self, batch: DataBatch) -> DataBatch:
         """TPRL perception pass: log-probs of the same responses with every image and video frame patch-blackened."""
         temperature = self._temperature(batch)
@@ -162,6 +165,7 @@ class ActorRolloutRefWorker(FSDPWorker):
         return DataBatch(tensors={"aug_log_probs": out["log_probs"]})
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("ref")
     def compute_ref_log_probs(self, batch: DataBatch) -> DataBatch:
         if self.ref_agent is None:  # LoRA: the base model is the reference policy
             with self._actor_resident(), self.actor.disable_adapter():
@@ -183,10 +187,11 @@ class ActorRolloutRefWorker(FSDPWorker):
         opt = self.config.optimization
         if "entropy_bonus_coef" in batch.meta:  # the controller's coefficient for this step
             opt = replace(opt, entropy_bonus_coef=batch.meta["entropy_bonus_coef"])
-        with self._actor_resident(with_optimizer=True):
+        with self.memory.phase("update"), self._actor_resident(with_optimizer=True):
             metrics = self.agent.update_policy(batch, self._temperature(batch), opt, mini_batch_size)
         self.lr_scheduler.step()
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics.update(self.memory.report())  # this step's phases, and the host RSS
         return metrics
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
