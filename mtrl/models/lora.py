@@ -7,10 +7,10 @@ Config (``worker.actor.model``): ``peft_type: lora | qlora``, ``lora_rank``, ``l
   weights train (the optimizer sees ``requires_grad`` parameters only).
 * The reference policy is the same module with the adapter switched off (``PeftModel.disable_adapter()``),
   so no second copy of the weights is kept.
-* The rollout engine holds a plain (non-peft) copy of the model: :func:`merge_lora_state_dict` turns the
-  gathered peft state dict into merged weights ``W + (alpha / r) * B @ A`` under the base model's
-  parameter names (the weight sync, ``mtrl/workers/rollout/weight_sync.py``). Export
-  (``python -m mtrl.models.export``) uses the same function.
+* The rollout engine holds a plain (non-peft) copy of the model: the weight sync
+  (``mtrl/workers/rollout/weight_sync.py``) merges ``W + (alpha / r) * B @ A`` one module at a time
+  (:func:`merge_lora_weight`, the adapted modules found by :func:`lora_adapters`, names by :func:`base_name`);
+  :func:`merge_lora_state_dict` does the same over a whole state dict, for export (``python -m mtrl.models.export``).
 * QLoRA (:func:`load_quantized_model`) loads the base in 4 bit (bitsandbytes NF4, ``BitsAndBytesConfig``)
   and needs a CUDA GPU: :func:`check_peft_supported` stops a CPU run at start with a clear message.
   With QLoRA the packed 4-bit base weights are replicated on every rank instead of sharded
