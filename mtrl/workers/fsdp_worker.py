@@ -64,7 +64,7 @@ def build_fsdp_model(model_path: str, *, fsdp: FSDPConfig, device_type: str, tra
         buffers = [(module, name, buf.detach().clone()) for module in model.modules()
                    for name, buf in module.named_buffers(recurse=False)]
         model = _adapt_and_shard(model, adapter, trainable, padding_free, fsdp, device_type)
-    _load_from_rank0(model, source, buffers, "cpu" if fsdp.cpu_offload else device_type)
+    _load_from_rank0(model, source, buffers, device_type, offloaded=fsdp.cpu_offload)
     return model
 
 
@@ -88,13 +88,15 @@ def _adapt_and_shard(model: nn.Module, adapter: Optional[ModelConfig], trainable
 
 
 def _load_from_rank0(model: nn.Module, source: Optional[nn.Module], buffers: List[Tuple[nn.Module, str, torch.Tensor]],
-                     device_type: str) -> None:
+                     device_type: str, offloaded: bool = False) -> None:
     """Give the sharded, meta-device `model` real storage and rank 0's `source` weights (a collective).
 
     `buffers` are the model's own buffers from before `to_empty` (computed at construction, some not in any
-    state dict). The global RNG state is rank 0's afterwards, as if every rank had loaded the model itself.
+    state dict). `offloaded`: the shards live on the CPU (FSDP2 CPU offload). The global RNG state is rank 0's
+    afterwards, as if every rank had loaded the model itself.
     """
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    on_gpu = device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu and not offloaded else torch.device("cpu")
     model.to_empty(device=device)
     with torch.no_grad():
         for module, name, value in buffers:
@@ -102,7 +104,7 @@ def _load_from_rank0(model: nn.Module, source: Optional[nn.Module], buffers: Lis
     full = source.state_dict() if source is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full, source
-    states = [torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == "cuda" else None]
+    states = [torch.get_rng_state(), torch.cuda.get_rng_state() if on_gpu else None]
     dist.broadcast_object_list(states, src=0)
     torch.set_rng_state(states[0])
     if states[1] is not None:
