@@ -3,7 +3,7 @@
 Default: generation on an FSDP2-sharded policy vs. the hybrid-engine pattern (gather once, generate unsharded).
 Two gloo ranks, each generating for its own prompts:
   sharded   `generate(synced_gpus=True)` on the FSDP2 model: every new token all-gathers every layer.
-  hybrid    `gather_full_state_dict` once into an unsharded copy (the actor's weight sync), then generate.
+  hybrid    the actor's weight sync (`RolloutWeightSync`) once into an unsharded copy, then generate.
 
     python benchmarks/rollout_engines.py [--hidden 256 --layers 4 --prompts 8 --new-tokens 32]
 
@@ -27,9 +27,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mtrl.config.worker import FSDPConfig
+from mtrl.config.worker import FSDPConfig, ModelConfig
 from mtrl.workers.fsdp_utils import apply_fsdp2
-from mtrl.workers.rollout.weight_sync import gather_full_state_dict
+from mtrl.workers.rollout.weight_sync import RolloutWeightSync
 
 RESULTS = Path(__file__).parent / "results" / "rollout_engines.json"
 
@@ -66,7 +66,7 @@ def worker(rank: int, args, out_file: str) -> None:
 
         start = time.perf_counter()
         copy = build(args)
-        copy.load_state_dict(gather_full_state_dict(sharded))
+        copy.load_state_dict(dict(RolloutWeightSync(sharded, ModelConfig()).weights()))
         gathered = time.perf_counter()
         out_hybrid = generate(copy, prompts, args, synced=False)
         dist.barrier()

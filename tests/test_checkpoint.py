@@ -36,7 +36,7 @@ def reward_function(data_dict):
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 TIMING_PREFIXES = ("timing/", "perf/tokens_per_second", "perf/samples_per_second", "perf/throughput",
-                   "perf/step_seconds")
+                   "perf/step_seconds", "memory/")  # memory/: what the process holds, not what it computed
 
 
 # ============================================================================= in-process (fast)

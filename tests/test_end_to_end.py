@@ -17,10 +17,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
-# The metrics the seed README promises (mtrl_readme.md), plus timing and length statistics.
+# The metrics the seed README promises (mtrl_readme.md), plus timing, length and memory statistics.
 CORE_METRICS = {"actor/pg_loss", "actor/approx_kl", "actor/clipfrac", "actor/entropy", "actor/grad_norm",
                 "perf/tokens_per_second", "perf/samples_per_second", "perf/throughput", "reward/overall",
-                "val/reward_score", "timing/generate", "timing/update_actor", "response_length/mean"}
+                "val/reward_score", "timing/generate", "timing/update_actor", "response_length/mean",
+                "memory/host_rss_gb"}
 TPRL_METRICS = {"actor/entropy_token_fraction", "actor/perception_token_fraction",
                 "actor/sensitivity_score_mean", "actor/scaling_factor_mean"}
 

@@ -282,22 +282,44 @@ def _enable_activation_checkpointing(model: nn.Module, **kwargs) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _from_pretrained(path: str, config, **kwargs) -> nn.Module:
+def _from_pretrained(path: str, config, empty: bool = False, **kwargs) -> nn.Module:
     """``AutoModelForImageTextToText`` for VL configs, ``AutoModelForCausalLM`` otherwise.
 
     A VL config that transformers does not map to an image-text-to-text class (some remote-code
-    models register only a causal-LM class) falls back to ``AutoModelForCausalLM``.
+    models register only a causal-LM class) falls back to ``AutoModelForCausalLM``. ``empty``: build the
+    architecture from the config instead (see :func:`load_model`).
     """
     import transformers  # noqa: PLC0415
 
+    def build(cls) -> nn.Module:
+        return _empty_model(cls, path, config, **kwargs) if empty else cls.from_pretrained(path, config=config, **kwargs)
+
     if is_vision_model(config):
         try:
-            return transformers.AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+            return build(transformers.AutoModelForImageTextToText)
         except ValueError as err:
             if "Unrecognized configuration class" not in str(err):
                 raise
             logger.info("%s has no image-text-to-text class; loading it with AutoModelForCausalLM", path)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    return build(transformers.AutoModelForCausalLM)
+
+
+def _empty_model(cls, path: str, config, **kwargs) -> nn.Module:
+    """``cls`` built from ``config`` with its parameters on the meta device and its buffers real.
+
+    Buffers are few and small, and some are not in the checkpoint (the rotary ``inv_freq``, computed at
+    construction): built on the CPU they are right from the start. What ``from_pretrained`` adds to the
+    bare architecture is added here too: tied embeddings and the folder's generation config.
+    """
+    from accelerate import init_empty_weights  # noqa: PLC0415
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, **kwargs)
+    model.tie_weights()
+    if model.can_generate() and (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
 
 
 def load_model(
@@ -309,6 +331,7 @@ def load_model(
     gradient_checkpointing: bool = False,
     freeze_vision_tower: bool = False,
     for_value: bool = False,
+    empty: bool = False,
 ) -> nn.Module:
     """Load a local checkpoint on CPU (move / shard it afterwards).
 
@@ -322,6 +345,9 @@ def load_model(
         gradient_checkpointing: enable non-reentrant activation checkpointing.
         freeze_vision_tower: ``requires_grad=False`` for the whole vision encoder incl. its merger.
         for_value: return a :class:`ValueHeadModel` (critic) instead of the LM.
+        empty: read no weights: the parameters are on the meta device (no memory), the buffers real, for
+            sharded loading (``mtrl.workers.fsdp_worker.build_fsdp_model``) and the rollout copy, whose
+            weights come from elsewhere. The value head of ``for_value`` is real (tiny).
 
     Returns:
         ``*ForConditionalGeneration`` (VL), ``*ForCausalLM`` (text) or :class:`ValueHeadModel`, in eval mode
@@ -331,7 +357,7 @@ def load_model(
     config = load_config(path, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=resolve_dtype(dtype), attn_implementation=resolve_attn_implementation(attn_implementation),
                   trust_remote_code=trust_remote_code)
-    model = _from_pretrained(path, config, **kwargs)
+    model = _from_pretrained(path, config, empty=empty, **kwargs)
     if for_value:
         # The LM minus its vocabulary head: `.model` of *ForCausalLM / *ForConditionalGeneration.
         backbone = model.model

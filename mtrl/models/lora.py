@@ -7,10 +7,10 @@ Config (``worker.actor.model``): ``peft_type: lora | qlora``, ``lora_rank``, ``l
   weights train (the optimizer sees ``requires_grad`` parameters only).
 * The reference policy is the same module with the adapter switched off (``PeftModel.disable_adapter()``),
   so no second copy of the weights is kept.
-* The rollout engine holds a plain (non-peft) copy of the model: :func:`merge_lora_state_dict` turns the
-  gathered peft state dict into merged weights ``W + (alpha / r) * B @ A`` under the base model's
-  parameter names (the weight sync, ``mtrl/workers/rollout/weight_sync.py``). Export
-  (``python -m mtrl.models.export``) uses the same function.
+* The rollout engine holds a plain (non-peft) copy of the model: the weight sync
+  (``mtrl/workers/rollout/weight_sync.py``) merges ``W + (alpha / r) * B @ A`` one module at a time
+  (:func:`merge_lora_weight`, the adapted modules found by :func:`lora_adapters`, names by :func:`base_name`);
+  :func:`merge_lora_state_dict` does the same over a whole state dict, for export (``python -m mtrl.models.export``).
 * QLoRA (:func:`load_quantized_model`) loads the base in 4 bit (bitsandbytes NF4, ``BitsAndBytesConfig``)
   and needs a CUDA GPU: :func:`check_peft_supported` stops a CPU run at start with a clear message.
   With QLoRA the packed 4-bit base weights are replicated on every rank instead of sharded
@@ -21,7 +21,7 @@ Config (``worker.actor.model``): ``peft_type: lora | qlora``, ``lora_rank``, ``l
 
 import importlib.util
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -97,6 +97,37 @@ def strip_peft_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
+def base_name(key: str) -> str:
+    """The base model's name of a peft state-dict entry (``base_model.model.x.q_proj.base_layer.weight`` ->
+    ``x.q_proj.weight``)."""
+    return strip_peft_prefix(key).replace(".base_layer.", ".")
+
+
+def lora_adapters(keys: Iterable[str]) -> Dict[str, Dict[str, str]]:
+    """The adapted modules of a peft state dict: base module name -> ``{"A": key, "B": key}``."""
+    adapters: Dict[str, Dict[str, str]] = {}
+    for key in keys:
+        if any(part in key for part in _UNSUPPORTED):
+            raise NotImplementedError(f"merging {key!r}: only LoRA on linear layers is supported (no embedding "
+                                      "adapters, no DoRA)")
+        match = _LORA_KEY.match(key)
+        if match:
+            adapters.setdefault(strip_peft_prefix(match.group("module")), {})[match.group("which")] = key
+    for module, pair in adapters.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"LoRA weights of {module} are incomplete: have {sorted(pair)}")
+    return adapters
+
+
+def merge_lora_weight(module: str, base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """``base + scaling * lora_B @ lora_A`` of one module, computed in fp32, in the base's dtype."""
+    delta = lora_B.float() @ lora_A.float()
+    if delta.shape != base.shape:
+        raise ValueError(f"LoRA delta of {module} has shape {tuple(delta.shape)}, base {tuple(base.shape)}")
+    return (base.float() + scaling * delta.to(base.device)).to(base.dtype)
+
+
 def merge_lora_state_dict(state_dict: Dict[str, torch.Tensor], scaling: float,
                           base_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """A peft model's (full) state dict -> the merged weights under the base model's names.
@@ -106,28 +137,15 @@ def merge_lora_state_dict(state_dict: Dict[str, torch.Tensor], scaling: float,
     base weights missing from ``state_dict`` (QLoRA checkpoints) are taken from ``base_state_dict``
     (keyed by base names).
     """
-    lora: Dict[str, Dict[str, torch.Tensor]] = {}
+    adapters = lora_adapters(state_dict)
+    lora_keys = {key for pair in adapters.values() for key in pair.values()}
     merged: Dict[str, torch.Tensor] = dict(base_state_dict or {})
-    for key, value in state_dict.items():
-        if any(part in key for part in _UNSUPPORTED):
-            raise NotImplementedError(f"merging {key!r}: only LoRA on linear layers is supported (no embedding "
-                                      "adapters, no DoRA)")
-        match = _LORA_KEY.match(key)
-        if match:
-            lora.setdefault(strip_peft_prefix(match.group("module")), {})[match.group("which")] = value
-            continue
-        merged[strip_peft_prefix(key).replace(".base_layer.", ".")] = value
-    for module, pair in lora.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"LoRA weights of {module} are incomplete: have {sorted(pair)}")
+    merged.update((base_name(key), value) for key, value in state_dict.items() if key not in lora_keys)
+    for module, pair in adapters.items():
         name = f"{module}.weight"
         if name not in merged:
             raise KeyError(f"no base weight {name!r} to merge the LoRA adapter into")
-        base = merged[name]
-        delta = pair["B"].float() @ pair["A"].float()
-        if delta.shape != base.shape:
-            raise ValueError(f"LoRA delta of {module} has shape {tuple(delta.shape)}, base {tuple(base.shape)}")
-        merged[name] = (base.float() + scaling * delta.to(base.device)).to(base.dtype)
+        merged[name] = merge_lora_weight(module, merged[name], state_dict[pair["A"]], state_dict[pair["B"]], scaling)
     return merged
 
 

@@ -1,13 +1,16 @@
 """FSDP2 for every worker's model: sharding (`apply_fsdp2`, the one place `fully_shard` is called), offload
-between phases, the optimizer and its LR schedule.
+between phases, memory per phase (`PhaseMemory`), the optimizer and its LR schedule.
 
 Everything FSDP-specific lives here so the workers read as plain training code; `mtrl/workers/fsdp_worker.py`
 builds the models with it.
 """
 
+import functools
 import math
+import os
+import resource
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,12 +24,14 @@ from mtrl.models.dtypes import resolve_dtype
 
 def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: List[nn.Module],
                 vision_tower: Optional[nn.Module] = None, ignored_params: Optional[set] = None) -> nn.Module:
-    """Shard every transformer block, the vision tower, then the root, over all ranks.
+    """Shard every transformer block (the vision encoder's and the decoder's), the vision tower, then the root.
 
-    `ignored_params` stay unsharded, replicated on every rank (QLoRA's packed 4-bit base weights).
+    `blocks` go innermost first (FSDP2 units are built bottom-up). `ignored_params` stay unsharded, replicated
+    on every rank (QLoRA's packed 4-bit base weights).
 
-    The vision tower must be its own FSDP unit: left to the root, its parameters are still DTensors
-    when generation or a forward with images calls into it, and mixed Tensor/DTensor ops fail.
+    The vision tower must be its own FSDP unit (over its blocks' units: its patch embedding and merger): left
+    to the root, its parameters are still DTensors when generation or a forward with images calls into it, and
+    mixed Tensor/DTensor ops fail.
     """
     world = dist.get_world_size()
     if config.sharding_strategy == "NO_SHARD":
@@ -44,12 +49,60 @@ def apply_fsdp2(model: nn.Module, config: FSDPConfig, device_type: str, blocks: 
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if ignored_params:
         kwargs["ignored_params"] = set(ignored_params)
-    if vision_tower is not None:
-        fully_shard(vision_tower, **kwargs)
     for block in blocks:
         fully_shard(block, **kwargs)
+    if vision_tower is not None:
+        fully_shard(vision_tower, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def host_rss_gb() -> float:
+    """This process's resident host memory now, in GiB (Linux; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
+
+
+class PhaseMemory:
+    """Memory per phase of a worker, for its metrics: `memory/{phase}_max_allocated_gb` and
+    `memory/{phase}_reserved_gb` on GPU (the peak during the phase, and what the caching allocator held at its
+    end), `memory/host_rss_gb` everywhere. On GPU the allocator's cache is emptied after each phase, so that
+    the next one (the rollout engine, the reference) finds the memory free."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stats: Dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                self.stats[f"memory/{name}_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self.stats[f"memory/{name}_reserved_gb"] = torch.cuda.memory_reserved(self.device) / 2**30
+                torch.cuda.empty_cache()
+
+    def report(self) -> Dict[str, float]:
+        """The phases measured since the last report, and the host RSS now."""
+        out, self.stats = {**self.stats, "memory/host_rss_gb": host_rss_gb()}, {}
+        return out
+
+
+def measured(phase: str):
+    """Run a worker method as the memory phase `phase` (the worker's `self.memory`, a `PhaseMemory`)."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            with self.memory.phase(phase):
+                return method(self, *args, **kwargs)
+        return wrapper
+    return decorate
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

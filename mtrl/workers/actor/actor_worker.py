@@ -6,6 +6,7 @@ generate -> old log-probs (+entropy) -> perception pass -> reference log-probs -
 """
 
 from dataclasses import replace
+from functools import partial
 from typing import Dict
 
 import torch
@@ -64,7 +65,8 @@ class ActorRolloutRefWorker(FSDPWorker):
         # The adapter (peft_type: LoRA / QLoRA, mtrl.models.lora) goes on the actor only.
         self.actor = self.build_model(model_path, cfg.actor, trainable=self.with_optimizer, adapter=cfg.actor.model)
         self.model_config = self.actor.config
-        self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model)
+        self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model,
+                                             dtype=resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype))
         optimizer = None
         if self.with_optimizer:
             optimizer = fsdp_utils.build_optimizer(self.actor, cfg.actor.optim)
@@ -94,17 +96,20 @@ class ActorRolloutRefWorker(FSDPWorker):
                                      resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype), eos_ids, self.pad_token_id,
                                      seed=self.config.seed, with_lora=lora.peft_type(model) is not None,
                                      trust_remote_code=model.trust_remote_code)
-        return HFRolloutEngine(self._build_inference_model, self.model_config, eos_ids, self.pad_token_id,
-                               self.device, cfg.rollout.micro_batch_size_per_device)
+        return HFRolloutEngine(partial(self._build_inference_model, empty=True), self.model_config, eos_ids,
+                               self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)
 
-    def _build_inference_model(self):
+    def _build_inference_model(self, empty: bool = False):
+        """The plain policy in the compute dtype; `empty`: without its weights (the rollout engine's, which
+        the weight sync fills), else read from the checkpoint (QLoRA's base weights)."""
         actor = self.config.worker.actor
         return load_model(actor.model.model_path, dtype=resolve_dtype(actor.fsdp.mixed_precision_dtype),
-                          attn_implementation="sdpa", trust_remote_code=actor.model.trust_remote_code)
+                          attn_implementation="sdpa", trust_remote_code=actor.model.trust_remote_code, empty=empty)
 
     # ------------------------------------------------------------------ rollout
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("generate")
     def generate_sequences(self, prompts: DataBatch) -> DataBatch:
         """n responses per prompt (`prompts.meta` may override sampling: temperature, n, top_p, top_k, greedy)."""
         rcfg, meta = self.config.worker.rollout, prompts.meta
@@ -141,6 +146,7 @@ class ActorRolloutRefWorker(FSDPWorker):
         return batch.meta.get("temperature", self.config.worker.rollout.temperature) or 1.0
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("log_probs")
     def compute_log_probs(self, batch: DataBatch) -> DataBatch:
         with self._actor_resident():
             out = self.agent.compute_log_probs(batch, self._temperature(batch), return_entropy=True)
@@ -160,6 +166,7 @@ class ActorRolloutRefWorker(FSDPWorker):
                 for mm, uid in zip(vision, mb.non_tensors["sample_uid"])]
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("perception")
     def compute_perception(self, batch: DataBatch) -> DataBatch:
         """TPRL perception pass: log-probs of the same responses with every image and video frame patch-blackened."""
         temperature = self._temperature(batch)
@@ -171,6 +178,7 @@ class ActorRolloutRefWorker(FSDPWorker):
         return DataBatch(tensors={"aug_log_probs": out["log_probs"]})
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    @fsdp_utils.measured("ref")
     def compute_ref_log_probs(self, batch: DataBatch) -> DataBatch:
         if self.ref_agent is None:  # LoRA: the base model is the reference policy
             with self._actor_resident(), self.actor.disable_adapter():
@@ -192,10 +200,11 @@ class ActorRolloutRefWorker(FSDPWorker):
         opt = self.config.optimization
         if "entropy_bonus_coef" in batch.meta:  # the controller's coefficient for this step
             opt = replace(opt, entropy_bonus_coef=batch.meta["entropy_bonus_coef"])
-        with self._actor_resident(with_optimizer=True):
+        with self.memory.phase("update"), self._actor_resident(with_optimizer=True):
             metrics = self.agent.update_policy(batch, self._temperature(batch), opt, mini_batch_size)
         self.lr_scheduler.step()
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics.update(self.memory.report())  # this step's phases, and the host RSS
         return metrics
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)

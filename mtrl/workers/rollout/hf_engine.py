@@ -106,17 +106,34 @@ class HFRolloutEngine(RolloutEngine):
                                              "vision_end_token_id")) if i is not None]
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Copy each (name, tensor) into its parameter as it arrives: no second copy of the model is held.
+
+        The module is built once; its parameters may start on the meta device (`build_model` need read no
+        weights) and live there between syncs (`release`). Every pair is consumed even when one is wrong:
+        the stream is a collective of all ranks.
+        """
         if self.model is None:
-            self.model = self._build_model().to(self.device).eval()
+            self.model = self._build_model().eval()
             self.model.requires_grad_(False)
-        elif self._kept_buffers is not None:
+            self._keep_buffers()
+        if self._kept_buffers is not None:
             self.model.to_empty(device=self.device)
             self._restore_buffers()
-        missing, unexpected = self.model.load_state_dict(dict(weights), strict=False)
-        if hasattr(self.model, "tie_weights"):  # to_empty gives tied parameters separate storage
-            self.model.tie_weights()
-        # Tied embeddings show up as "missing" on one side only; anything else is a naming bug.
-        missing = [k for k in missing if "lm_head" not in k]
+            if hasattr(self.model, "tie_weights"):  # to_empty gives tied parameters separate storage
+                self.model.tie_weights()
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(self.model.named_buffers())
+        loaded, unexpected = set(), []
+        with torch.no_grad():
+            for name, tensor in weights:
+                target = targets.get(name)
+                if target is None:
+                    unexpected.append(name)
+                    continue
+                target.copy_(tensor)
+                loaded.add(name)
+        # Tied embeddings may come under one name only; anything else is a naming bug.
+        missing = [n for n, p in self.model.named_parameters() if n not in loaded and "lm_head" not in n]
         if missing or unexpected:
             raise RuntimeError(f"rollout weight sync: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -128,8 +145,11 @@ class HFRolloutEngine(RolloutEngine):
         """
         if self.model is None or self._kept_buffers is not None:
             return
-        self._kept_buffers = {name: buf.detach().to("cpu", copy=True) for name, buf in self.model.named_buffers()}
+        self._keep_buffers()
         self.model.to("meta")
+
+    def _keep_buffers(self) -> None:
+        self._kept_buffers = {name: buf.detach().to("cpu", copy=True) for name, buf in self.model.named_buffers()}
 
     def _restore_buffers(self) -> None:
         for name, value in self._kept_buffers.items():

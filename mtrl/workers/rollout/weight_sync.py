@@ -4,62 +4,77 @@ Every training step the hybrid-engine worker pushes the current policy into its 
 engine holds a plain (non-FSDP, non-peft) copy of the model, so the weights it receives are the full,
 unsharded tensors under the base model's parameter names:
 
-* no adapter: the gathered full state dict;
-* LoRA: the gathered peft state dict with every adapter merged in (`lora.merge_lora_state_dict`);
+* no adapter: every entry of the state dict, gathered;
+* LoRA: the same with every adapter merged into its base weight (`lora.merge_lora_weight`);
 * QLoRA: only the (small, unquantized) adapter weights are gathered and merged into a CPU copy of the
   base weights in the compute dtype, read once from `load_base()`.
 
-The same weights are what the actor's Hugging Face export writes. They are handed out as an iterator of
-(name, tensor) pairs, which `RolloutEngine.load_weights` consumes, so that a streamed sync (one tensor or
-bucket at a time, as vLLM takes them) can replace today's gather-everything-then-yield without changing
-the callers. Gathering is a collective: every rank must consume the iterator to the end.
+The weights are streamed: one (name, full tensor) pair at a time, each gathered (`DTensor.full_tensor`)
+when the consumer asks for it, cast to the rollout dtype before the gather. The extra memory of a sync is
+then one tensor (for LoRA: one adapted weight and its two factors), not a second copy of the model.
+Gathering is a collective: every rank must consume the iterator to the end, in the same order.
+The same weights (in the actor's dtype) are what the actor's Hugging Face export writes.
 """
 
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from mtrl.config.worker import ModelConfig
 from mtrl.models import lora
 from mtrl.workers.rollout.base import RolloutEngine
 
 
-def gather_full_state_dict(model: nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
-    """The unsharded weights of an FSDP2 model on every rank (a collective); only trainable ones on request."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
+def full_tensor(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The unsharded value of an FSDP2 shard (a collective), or the tensor itself; in `dtype` if given."""
+    if dtype is not None:
+        tensor = tensor.to(dtype)  # elementwise: casting the shards before the gather moves half the bytes
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class RolloutWeightSync:
     """The weights of `model` (the FSDP2 actor) as the rollout engine and the export need them.
 
     `adapter`: the actor's model config (its `peft_type`, `lora_alpha`, `lora_rank`); `load_base()` returns
-    the plain base model (QLoRA only: the frozen base weights are not in the sharded model).
+    the plain base model (QLoRA only: the frozen base weights are not in the sharded model). `dtype`: the
+    rollout engine's parameter dtype, what `sync_to` sends.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelConfig, load_base: Optional[Callable[[], nn.Module]] = None):
+    def __init__(self, model: nn.Module, adapter: ModelConfig, load_base: Optional[Callable[[], nn.Module]] = None,
+                 dtype: Optional[torch.dtype] = None):
         self.model = model
         self.kind = lora.peft_type(adapter)
         self.scaling = float(adapter.lora_alpha) / float(adapter.lora_rank) if self.kind else 1.0
         self.load_base = load_base
+        self.dtype = dtype
         self._base: Optional[Dict[str, torch.Tensor]] = None
 
-    def weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """(name, full tensor) pairs under the base model's names, LoRA merged in (a collective)."""
-        if self.kind is None:
-            merged = gather_full_state_dict(self.model)
-        elif self.kind == "lora":
-            merged = lora.merge_lora_state_dict(gather_full_state_dict(self.model), self.scaling)
+    def weights(self, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, full tensor) pairs under the base model's names, LoRA merged in, in `dtype` (None: as the
+        model holds them), one tensor gathered at a time (a collective)."""
+        state = self.model.state_dict()  # the shards themselves: no copy, no communication
+        adapters = lora.lora_adapters(state) if self.kind else {}
+        if self.kind == "qlora":  # the base weights are not in the sharded model
+            entries = self._base_weights().items()
         else:
-            merged = lora.merge_lora_state_dict(gather_full_state_dict(self.model, trainable_only=True),
-                                                self.scaling, base_state_dict=self._base_weights())
-        yield from merged.items()
+            lora_keys = {key for pair in adapters.values() for key in pair.values()}
+            entries = ((key, value) for key, value in state.items() if key not in lora_keys)
+        for key, value in entries:
+            name = lora.base_name(key)
+            module, _, leaf = name.rpartition(".")
+            pair = adapters.get(module) if leaf == "weight" else None
+            if pair is None:
+                yield name, full_tensor(value, dtype)
+                continue
+            merged = lora.merge_lora_weight(module, full_tensor(value), full_tensor(state[pair["A"]]),
+                                            full_tensor(state[pair["B"]]), self.scaling)
+            yield name, merged if dtype is None else merged.to(dtype)
 
     def sync_to(self, engine: RolloutEngine) -> None:
-        """Load the current weights into the rollout engine."""
-        engine.load_weights(self.weights())
+        """Load the current weights into the rollout engine, in its dtype."""
+        engine.load_weights(self.weights(self.dtype))
 
     def _base_weights(self) -> Dict[str, torch.Tensor]:
         if self._base is None:
