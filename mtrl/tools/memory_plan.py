@@ -498,11 +498,8 @@ def _rollout_rows(config, arch: Architecture, params: int, b: int, device_memory
     kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * b
     kv_needed = rows_per_call * (prompt + response) * kv_per_token
     out: List[Row] = []
-    model = config.worker.actor.model
-    sync = 4 * params
-    if model.peft_type == "qlora":  # only the adapter is gathered; the base is merged in on the host
-        sync = 4 * arch.lora_params(model.lora_target_modules, model.lora_rank)
-    sync_row = (Row("weight sync: full state dict (fp32)", {"sync": sync}, "gathered on every rank")
+    # The sync streams one full tensor at a time in the rollout dtype (mtrl/workers/rollout/weight_sync.py).
+    sync_row = (Row("weight sync: the largest tensor", {"sync": b * arch.largest_param}, "streamed, one at a time")
                 if sync_bucket_gb is None else
                 Row("weight sync: one bucket", {"sync": sync_bucket_gb * GB}, "streamed sync"))
     if rollout.name == "vllm":
