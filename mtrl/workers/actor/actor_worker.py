@@ -30,22 +30,62 @@ from mtrl.workers.rollout.hf_engine import HFRolloutEngine
 from mtrl.workers.rollout.weight_sync import RolloutWeightSync
 
 
+def _row_position_ids(model_config, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm) -> torch.Tensor:
+    """(3 or 1, L) positions of one padded row, computed on its unpadded tokens (padding holds 0)."""
+    valid = attention_mask.bool()
+    pos = compute_position_ids(model_config, input_ids[valid], image_grid_thw=mm.get("image_grid_thw"),
+                               video_grid_thw=mm.get("video_grid_thw"),
+                               second_per_grid_ts=mm.get("second_per_grid_ts"))
+    pos = pos if pos.dim() == 2 else pos.view(1, -1)
+    full = torch.zeros(pos.shape[0], input_ids.shape[0], dtype=torch.long)
+    full[:, valid] = pos
+    return full
+
+
 def sequence_position_ids(model_config, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          multi_modal_inputs) -> torch.Tensor:
-    """Position ids of whole (prompt + response) rows, computed on each row's unpadded tokens."""
-    rows = []
-    for i in range(input_ids.shape[0]):
-        valid = attention_mask[i].bool()
-        mm = multi_modal_inputs[i] if multi_modal_inputs is not None else {}
-        pos = compute_position_ids(model_config, input_ids[i][valid], image_grid_thw=mm.get("image_grid_thw"),
-                                   video_grid_thw=mm.get("video_grid_thw"),
-                                   second_per_grid_ts=mm.get("second_per_grid_ts"))
-        pos = pos if pos.dim() == 2 else pos.view(1, -1)
-        full = torch.zeros(pos.shape[0], input_ids.shape[1], dtype=torch.long)
-        full[:, valid] = pos
-        rows.append(full)
-    out = torch.stack(rows)
-    return out[:, 0] if out.shape[1] == 1 else out
+                          multi_modal_inputs, prompt_length: int = 0) -> torch.Tensor:
+    """Position ids of whole (prompt + response) rows, computed on each row's unpadded tokens.
+
+    With `prompt_length` (each row is `prompt_length` prompt tokens, then the response) a prompt's
+    positions are computed once for its n samples and a text-only response continues the prompt's
+    last position by one per kept token: the same numbers as the whole-row computation, which rows
+    with a vision token in the response or at the end of the prompt still take (with its checks)."""
+    n = input_ids.shape[0]
+    mms = multi_modal_inputs if multi_modal_inputs is not None else [{}] * n
+    vision = torch.tensor([t for t in (getattr(model_config, "image_token_id", None),
+                                       getattr(model_config, "video_token_id", None)) if t is not None])
+    prompt_mask, response_mask = attention_mask[:, :prompt_length], attention_mask[:, prompt_length:].bool()
+    fast = torch.zeros(n, dtype=torch.bool)
+    if prompt_length > 0:
+        last = prompt_length - 1 - prompt_mask.flip(-1).argmax(-1)  # the last kept prompt token
+        fast = (prompt_mask.any(-1) & ~torch.isin(input_ids.gather(1, last.view(-1, 1)).view(-1), vision)
+                & ~(torch.isin(input_ids[:, prompt_length:], vision) & response_mask).any(-1))
+    prompt_rows = (input_ids[:, :prompt_length] * prompt_mask).tolist()
+    unique: Dict[tuple, int] = {}
+    prompt_positions, prompt_of, slow = [], [], {}
+    for i, (mm, is_fast) in enumerate(zip(mms, fast.tolist())):
+        if not is_fast:
+            slow[i] = _row_position_ids(model_config, input_ids[i], attention_mask[i], mm)
+            continue
+        key = (tuple(prompt_rows[i]),) + tuple(
+            None if mm.get(k) is None else tuple(torch.as_tensor(mm[k]).reshape(-1).tolist())
+            for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"))
+        if key not in unique:
+            unique[key] = len(prompt_positions)
+            prompt_positions.append(_row_position_ids(model_config, input_ids[i, :prompt_length], prompt_mask[i], mm))
+        prompt_of.append(unique[key])
+    channels = (prompt_positions or list(slow.values()))[0].shape[0]
+    out = torch.zeros(n, channels, input_ids.shape[1], dtype=torch.long)
+    if prompt_of:
+        fast_rows = fast.nonzero().view(-1)
+        prompt_part = torch.stack(prompt_positions)[torch.tensor(prompt_of)]  # (fast rows, channels, prompt)
+        start = prompt_part[:, 0].gather(1, last[fast_rows].view(-1, 1)) + 1
+        kept = response_mask[fast_rows]
+        response = torch.where(kept, kept.long().cumsum(-1) - 1 + start, 0)
+        out[fast_rows] = torch.cat([prompt_part, response.unsqueeze(1).expand(-1, channels, -1)], dim=-1)
+    for i, row in slow.items():
+        out[i] = row
+    return out[:, 0] if channels == 1 else out
 
 
 class ActorRolloutRefWorker(FSDPWorker):
@@ -132,7 +172,8 @@ class ActorRolloutRefWorker(FSDPWorker):
         attention_mask = torch.cat([prompt_mask, out.tensors["response_mask"]], dim=1)
         out.tensors.update(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=sequence_position_ids(self.model_config, input_ids, attention_mask,
-                                                              out.non_tensors.get("multi_modal_inputs")))
+                                                              out.non_tensors.get("multi_modal_inputs"),
+                                                              prompt_length=prompts.shape[1]))
         return out
 
     # ------------------------------------------------------------------ experience passes
