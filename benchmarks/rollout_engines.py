@@ -13,12 +13,13 @@ vLLM environment: `source .ci/vllm-env.sh`).
 
     python benchmarks/rollout_engines.py --engines [--hidden 256 --layers 4 --prompts 8 --new-tokens 32]
 
-Writes benchmarks/results/rollout_engines.json (the `engines` entry for --engines).
+Writes benchmarks/results/rollout_engines.json (`engines`: one entry per shape for --engines).
 """
 
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -78,8 +79,16 @@ def worker(rank: int, args, out_file: str) -> None:
     dist.destroy_process_group()
 
 
+def engines_tokens(responses: torch.Tensor, eos) -> int:
+    """Generated tokens, up to and including the first EOS of each row."""
+    from mtrl.workers.rollout.base import response_mask_from_ids
+
+    return int(response_mask_from_ids(responses.clone(), eos, 0).sum())
+
+
 def engine_throughput(args) -> dict:
-    """hf vs vllm engine: generated tokens/s on the same prompts (the second of two identical calls)."""
+    """hf vs vllm engine: generated tokens/s on the same prompts (median of `--repeats` alternated calls after a
+    warm-up call each)."""
     import tempfile
 
     from mtrl.config.worker import RolloutConfig
@@ -107,16 +116,21 @@ def engine_throughput(args) -> dict:
         "vllm": VLLMRolloutEngine(f"{folder}/model", tiny.model.config, RolloutConfig(max_model_len=512),
                                   torch.float32, eos, 0, seed=0),
     }
-    result, outputs = {}, {}
-    for name, engine in engines.items():
+    result, outputs, seconds = {}, {}, {name: [] for name in engines}
+    for engine in engines.values():
         engine.load_weights(tiny.model.state_dict().items())
         engine.generate(prompts.select(), params)  # warm-up
-        start = time.perf_counter()
-        out = engine.generate(prompts.select(), params)
-        seconds = time.perf_counter() - start
-        outputs[name] = out["responses"]
-        result[f"{name}_s"] = seconds
-        result[f"{name}_tokens_per_s"] = int(out["response_mask"].sum()) / seconds
+    for _ in range(args.repeats):  # alternated, so that load on the machine hits both alike
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            out = engine.generate(prompts.select(), params)
+            seconds[name].append(time.perf_counter() - start)
+            outputs[name] = out["responses"]
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        result[f"{name}_s"] = median
+        result[f"{name}_s_range"] = [min(times), max(times)]
+        result[f"{name}_tokens_per_s"] = int(engines_tokens(outputs[name], eos)) / median
     result["same_tokens"] = bool(torch.equal(outputs["hf"], outputs["vllm"]))
     result["vllm_speedup"] = result["hf_s"] / result["vllm_s"]
     result["threads"] = torch.get_num_threads()
@@ -131,13 +145,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=29611)
     parser.add_argument("--engines", action="store_true", help="hf vs vllm engine tokens/s (vLLM environment)")
+    parser.add_argument("--repeats", type=int, default=5, help="--engines: timed calls per engine")
     args = parser.parse_args()
-    if args.engines:
+    if args.engines:  # one entry per model / batch shape, the latest run of each
         previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        previous["engines"] = {"config": {k: v for k, v in vars(args).items() if k != "port"},
-                               **engine_throughput(args)}
+        config = {k: v for k, v in vars(args).items() if k not in ("port", "engines")}
+        runs = [r for r in previous.get("engines", []) if r["config"] != config]
+        runs.append({"config": config, **engine_throughput(args)})
+        previous["engines"] = runs
         RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
-        print(json.dumps(previous["engines"], indent=2))
+        print(json.dumps(runs[-1], indent=2))
         return
     tmp = RESULTS.with_suffix(".tmp")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
