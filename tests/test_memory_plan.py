@@ -161,13 +161,13 @@ def test_startup_check_warns_on_gpu_and_informs_on_cpu(caplog):
 @pytest.mark.slow
 def test_estimate_within_20_percent_of_memory_measured_on_cpu(tmp_path):
     """One real update (FSDP2, AdamW, two micro-batches) of a ~22M-parameter tiny Qwen2.5-VL in a fresh process:
-    text rows with and without gradient checkpointing, and rows with an image each (the vision tower's share):
-    benchmarks/memory_plan_validation.py (which also runs an 85M model)."""
+    text rows, and rows with an image each (the vision tower's share). benchmarks/memory_plan_validation.py also
+    runs gradient checkpointing and an 85M model."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import memory_plan_validation as validation
 
     model_dir = validation.build_model("20M", tmp_path)
-    for checkpointing, images in ((False, False), (True, False), (False, True)):
+    for checkpointing, images in ((False, False), (False, True)):
         result = validation.run_case(model_dir, checkpointing, images)
         assert 0.8 <= result["ratio"] <= 1.2, result
         assert result["update_rise_gb"] > 0.1  # activations and gradients were part of what was measured
