@@ -158,6 +158,13 @@ def test_startup_check_warns_on_gpu_and_informs_on_cpu(caplog):
     assert any("memory plan skipped" in r.getMessage() for r in caplog.records)
 
 
+def test_validation_only_runs_are_not_planned(caplog):
+    with caplog.at_level(logging.INFO, logger="mtrl"):
+        assert mp.check_memory_at_startup(config("training.val_only=true", "dataset.val_files=v.jsonl"),
+                                          on_gpu=False) is None
+    assert not any("memory plan" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_estimate_within_20_percent_of_memory_measured_on_cpu(tmp_path):
     """One real update (FSDP2, AdamW, two micro-batches) of a ~22M-parameter tiny Qwen2.5-VL in a fresh process:

@@ -544,7 +544,10 @@ def plans_for_config(config, device: str, device_memory_gb: float, images_per_sa
 
 def check_memory_at_startup(config, on_gpu: bool) -> Optional[MemoryPlan]:
     """The trainer's start-up check: on GPU a warning with the plan when it cannot fit (device memory read from
-    CUDA when the driver sees a GPU, else 80 GB assumed); on CPU one informative line. Never stops the run."""
+    CUDA when the driver sees a GPU, else 80 GB assumed); on CPU one informative line. Never stops the run.
+    Validation-only runs are not planned: the plan is of training steps (update, optimizer, critic)."""
+    if config.training.val_only:
+        return None
     try:
         memory_gb = 80.0
         if on_gpu:
