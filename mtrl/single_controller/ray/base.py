@@ -238,6 +238,19 @@ def _death_cause(error: "ray.exceptions.RayActorError") -> str:
     return f"{detail} (pid {pid}; the usual causes: the out-of-memory killer, a SIGKILL, a crash in native code)"
 
 
+def _first_death(pending: List[ray.ObjectRef], rank_of: Dict[ray.ObjectRef, int], timeout_s: float = 5.0):
+    """(rank, error) of the first of `pending` whose actor died (Ray needs a moment to notice), else None."""
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
+    for ref in sorted(ready, key=rank_of.get):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            return rank_of[ref], e
+        except ray.exceptions.RayTaskError:
+            continue
+    return None
+
+
 def _node_id(_worker: Any) -> str:
     return ray.get_runtime_context().get_node_id()
 
@@ -355,6 +368,14 @@ class RayWorkerGroup(WorkerGroup):
                 except ray.exceptions.RayActorError as e:
                     self.shutdown()  # the survivors are blocked in a collective with the dead rank
                     raise WorkerDiedError(rank_of[ref], self.role, method_name, _death_cause(e)) from None
+                except ray.exceptions.RayTaskError:
+                    # A rank killed mid-collective often shows first as its peers' collective error
+                    # ("connection closed by peer"): name the dead rank, the cause, if there is one.
+                    dead = _first_death(pending, rank_of)
+                    if dead is not None:
+                        self.shutdown()
+                        raise WorkerDiedError(dead[0], self.role, method_name, _death_cause(dead[1])) from None
+                    raise
         return results
 
     @property
