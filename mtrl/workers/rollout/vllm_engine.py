@@ -176,7 +176,8 @@ class VLLMRolloutEngine(RolloutEngine):
         requests = [r for r in self._requests(everyone) for _ in range(params.n)]
         outputs = self.llm.generate(requests, [self._sampling(params, s) for s in seeds], use_tqdm=False)
         outputs = outputs[mine]
-        self._check_prompts(outputs, prompts.repeat(params.n) if params.n > 1 else prompts)
+        batch = prompts.repeat(params.n) if params.n > 1 else prompts
+        self._check_prompts(outputs, batch)
         width = params.max_new_tokens
         responses = torch.full((len(outputs), width), self.pad_token_id, dtype=torch.long)
         log_probs = torch.zeros((len(outputs), width), dtype=torch.float32)
@@ -187,7 +188,6 @@ class VLLMRolloutEngine(RolloutEngine):
             log_probs[row, :len(tokens)] = torch.tensor(
                 [step[token].logprob for step, token in zip(completion.logprobs, tokens)], dtype=torch.float32)
         response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)
-        batch = prompts.repeat(params.n) if params.n > 1 else prompts
         batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask,
                              rollout_log_probs=log_probs * response_mask)
         return batch
