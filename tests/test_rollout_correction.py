@@ -4,12 +4,11 @@ weights in every registered policy loss and in the actor's update, and their con
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from test_agent import ROWS, make_batch, tiny_model
 from test_config import BASE
+from test_rollout import prompts, tiny  # noqa: F401  (the engine tests' tiny Qwen2-VL and its two prompts)
 
 from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
 from mtrl.config.worker import ActorConfig
@@ -18,7 +17,6 @@ from mtrl.models.tiny import make_tiny_model
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import POLICY_LOSS_NAMES, OptimizationConfig
 from mtrl.training.training_main import main
-from mtrl.utils.dataset import RLDataset
 from mtrl.workers.rollout import SamplingParams
 from mtrl.workers.rollout.hf_engine import HFRolloutEngine, SeededSampling
 
@@ -31,22 +29,6 @@ def close(actual, expected, atol=1e-6):
 
 
 # ------------------------------------------------------------------ the engine's log-probs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return make_tiny_model("qwen2_vl", seed=0)
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny):
-    rng = np.random.default_rng(0)
-    rows = [{"prompt": "<image>What colour is the circle?", "answer": "red",
-             "images": [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))]},
-            {"prompt": "How many squares are there?", "answer": "2", "images": []}]
-    data = RLDataset.from_rows(rows, tiny.tokenizer, tiny.processor, tiny.model.config,
-                               min_pixels=3136, max_pixels=3136)
-    return data.collate([data[0], data[1]])
 
 
 def forward_log_probs(model, out, params, suppressed=()):
