@@ -32,13 +32,15 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("e2e")
 
 
-def ray_processes() -> int:
-    out = subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout.split()
-    return sum(name in ("raylet", "gcs_server") for name in out)
+def processes_under(path: str) -> list:
+    """Command lines of running processes that name `path` (a Ray temp dir: its raylet, gcs_server, workers)."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if path in line]
 
 
-def run_cli(workdir: Path, name: str, *overrides: str, steps: int = 3):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def run_cli(workdir: Path, name: str, *overrides: str, steps: int = 3, env_vars: dict = None):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           **(env_vars or {})}
     args = [sys.executable, "-m", "mtrl.training.training_main", f"config={QUICKSTART}",
             f"training.max_steps={steps}", f"training.val_freq={steps}", f"training.experiment_name={name}",
             f"training.save_checkpoint_path=runs/{name}", "stages=[]",  # the RL stage only
@@ -55,8 +57,10 @@ def keys_of(rows):
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_with_tprl(workdir):
-    before = ray_processes()
-    proc, rows = run_cli(workdir, "quickstart")
+    # A Ray temp dir of this run only (short: Ray's socket paths must fit 107 bytes), so that other Ray
+    # sessions on the machine do not count.
+    ray_tmp = tempfile.mkdtemp(prefix="mtrl-ray-", dir="/tmp")
+    proc, rows = run_cli(workdir, "quickstart", env_vars={"RAY_TMPDIR": ray_tmp})
     train_rows = [r for r in rows if "actor/pg_loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert CORE_METRICS | TPRL_METRICS <= keys_of(rows)
@@ -64,7 +68,8 @@ def test_quickstart_runs_end_to_end_with_tprl(workdir):
     assert all(abs(r["actor/scaling_factor_mean"] - 1) < 1e-4 for r in train_rows)
     assert (workdir / "runs" / "quickstart" / "config.yaml").is_file()
     assert "run directory" in proc.stdout
-    assert ray_processes() <= before, "Ray processes were left behind"
+    assert not processes_under(ray_tmp), f"Ray processes were left behind: {processes_under(ray_tmp)}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
