@@ -255,7 +255,7 @@ def test_lora_adapter_sync_sends_the_base_once_then_only_the_adapter(text_model)
         base = _forward_log_probs(actor, first)
     assert not torch.allclose(first["rollout_log_probs"], base, atol=1e-3)
 
-    # A trained step later: only the adapter's 16 tensors cross, under a new LoRA id; the old one is gone.
+    # A trained step later: only the adapter's tensors cross, under a new LoRA id; the old one is gone.
     _randomize_lora_B(actor, seed=1)
     recording.calls.clear()
     sync.sync_to(recording)
