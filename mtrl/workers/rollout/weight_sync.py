@@ -111,8 +111,9 @@ class RolloutWeightSync:
 
 
 def _check_adapter_outside_vision_tower(model: nn.Module) -> None:
-    """vLLM's LoRA serves language-model modules only (its vision-tower LoRA is experimental): stop at
-    start-up rather than serve a policy without the vision tower's adapter."""
+    """vLLM's LoRA serves language-model modules only here: its tower LoRA (`enable_tower_connector_lora`) is
+    experimental and off, and vLLM 0.32 then loads an adapter with vision-tower factors without an error and
+    without applying them. Stop at start-up rather than serve a policy without the vision tower's adapter."""
     tower = vision_tower(model)
     if tower is None:
         return
