@@ -180,6 +180,32 @@ def test_vllm_engine_without_vllm_stops_the_run_before_it_starts(capsys):
     assert "rollout.name=vllm but vLLM is not installed" in capsys.readouterr().err
 
 
+LORA_ACTOR = ["worker.actor.model.peft_type=lora", "worker.rollout.lora_sync=adapter"]
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["worker.rollout.lora_sync=adaptor"], r"worker.rollout.lora_sync.*merged, adapter"),
+    (LORA_ACTOR, r"lora_sync` = adapter needs `worker.rollout.name` = vllm .* the hf engine takes the merged"),
+    (["worker.rollout.name=vllm", *LORA_ACTOR, "worker.actor.model.peft_type=qlora"],
+     r"lora_sync` = adapter supports `worker.actor.model.peft_type` = lora only \(got qlora\)"),
+    (["worker.rollout.name=vllm", *LORA_ACTOR, "worker.actor.model.lora_rank=1024"],
+     r"vLLM's LoRA takes ranks up to 512, `worker.actor.model.lora_rank` is 1024"),
+])
+def test_lora_adapter_sync_only_where_vllm_serves_the_adapter(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config([*BASE, *overrides])
+
+
+def test_lora_sync_defaults_to_merged_and_adapter_needs_an_adapter(capfd):
+    assert load_config(BASE).worker.rollout.lora_sync == "merged"
+    config = load_config([*BASE, "worker.rollout.name=vllm", *LORA_ACTOR])
+    assert config.worker.rollout.lora_sync == "adapter"
+    assert "lora_sync=adapter has no effect" not in capfd.readouterr().err
+    load_config([*BASE, "worker.rollout.lora_sync=adapter"])
+    assert ("worker.rollout.lora_sync=adapter has no effect: the actor has no adapter "
+            "(worker.actor.model.peft_type is not set)") in capfd.readouterr().err
+
+
 def test_vllm_only_settings_with_the_hf_engine_warn(capfd):
     load_config([*BASE, "worker.rollout.enable_prefix_caching=true", "worker.rollout.tensor_parallel_size=2"])
     assert ("worker.rollout.name=hf ignores the vLLM-only settings worker.rollout.tensor_parallel_size, "

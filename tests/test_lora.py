@@ -101,6 +101,43 @@ def test_rollout_weights_and_adapter_names(tiny_path):
     assert names and all(k.startswith("base_model.model.") and ".default." not in k for k in names)
 
 
+def test_adapter_sync_sends_peft_named_factors_and_the_unmerged_base(tiny_path):
+    """worker.rollout.lora_sync=adapter: the factors under the names peft saves, the base weights as loaded."""
+    from peft import get_peft_model_state_dict
+
+    from mtrl.models.loader import load_model
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    cfg = lora_model_config()
+    model = lora.apply_lora(load_model(tiny_path), cfg)
+    randomize_adapter(model, seed=3)
+    sync = RolloutWeightSync(model, cfg, lora_sync="adapter")
+    assert sync.sends_adapter and sync.adapter_config == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"], "bias": "none"}
+    factors = sync.adapter_weights(torch.bfloat16)
+    saved = get_peft_model_state_dict(model)  # what peft's save_pretrained writes
+    assert sorted(factors) == sorted(saved) and len(factors) == 2 * 3 * model.config.text_config.num_hidden_layers
+    assert all(factors[k].dtype == torch.bfloat16 and torch.equal(factors[k], saved[k].bfloat16()) for k in saved)
+    base = dict(sync.weights(merge_lora=False))
+    plain = load_model(tiny_path).state_dict()
+    assert base.keys() <= plain.keys() and all(torch.equal(base[k], plain[k]) for k in base)
+    assert not RolloutWeightSync(model, cfg).sends_adapter  # lora_sync=merged (the default)
+
+
+def test_adapter_sync_of_a_vision_tower_adapter_stops_at_start(tiny_path):
+    from mtrl.models.loader import load_model
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    cfg = lora_model_config()
+    cfg.lora_target_modules = ["q_proj", "qkv"]  # qkv: the attention of Qwen2-VL's vision blocks
+    model = lora.apply_lora(load_model(tiny_path), cfg)
+    with pytest.raises(UserError, match=r"lora_sync=adapter: the LoRA adapter covers 2 vision-tower modules "
+                                        r"\(model.visual.blocks.0.attn.qkv, ...\) and vLLM's LoRA serves "
+                                        r"language-model modules only; use worker.rollout.lora_sync=merged"):
+        RolloutWeightSync(model, cfg, lora_sync="adapter")
+    RolloutWeightSync(model, cfg)  # merged: the vision tower's adapter is merged like any other
+
+
 def test_qlora_on_cpu_stops_at_start_with_a_clear_message():
     cfg = ModelConfig(peft_type="qlora")
     with pytest.raises(UserError, match=r"qlora .*needs a CUDA GPU.*Use peft_type=lora on CPU"):

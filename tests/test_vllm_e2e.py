@@ -51,3 +51,22 @@ def test_quickstart_rl_stage_with_vllm_on_two_workers(workdir, correction):
         assert 0 <= r["rollout/kl_actor_vs_rollout"] < 1e-3
         if correction == "tis":  # ratios just below 1, never truncated at the cap 2
             assert 1 - 2 * mean < r["rollout_corr/is_weight_mean"] <= 1
+
+
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_lora_actor_on_two_workers(workdir, lora_sync):
+    """A LoRA actor through the real workers, its FSDP2-sharded weights synced merged, or (adapter) the base
+    weights once and then the adapter's factors, served by vLLM's LoRA; vLLM's log-probs stay the actor's."""
+    _, rows = run_cli(workdir, f"vllm_lora_{lora_sync}", *VLLM, "worker.actor.model.peft_type=lora",
+                      "worker.actor.model.lora_rank=4", "worker.actor.optim.lr=1e-2",
+                      f"worker.rollout.lora_sync={lora_sync}",
+                      "optimization.disable_divergence=false", "optimization.divergence_penalty=kl",
+                      f"worker.reward.reward_fn_path={workdir / 'text_reward.py'}", steps=2)
+    train = {r["step"]: r for r in _train_rows(rows)}
+    assert sorted(train) == [1, 2]
+    # Step 2 samples from the trained adapter (the divergence to the base, its reference, is no longer 0) ...
+    assert train[2]["actor/reward_divergence"] > 1e-7
+    for r in train.values():  # ... and vLLM scores with it as the actor does (bounds of the test above)
+        print(lora_sync, {k: v for k, v in r.items() if k.startswith(("rollout/", "actor/reward_div"))})
+        assert 0 < r["rollout/logprob_abs_diff_mean"] <= r["rollout/logprob_abs_diff_max"] < 0.1
+        assert 0 <= r["rollout/kl_actor_vs_rollout"] < 1e-3

@@ -41,10 +41,10 @@ def _eos(tiny):
     return [tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def _engine(path, tiny, **rollout):
+def _engine(path, tiny, lora_rank=None, **rollout):
     config = RolloutConfig(max_model_len=512, limit_mm_per_prompt={"image": 1, "video": 0}, **rollout)
     return VLLMRolloutEngine(path, tiny.model.config, config, torch.float32, _eos(tiny),
-                             tiny.tokenizer.pad_token_id, seed=0)
+                             tiny.tokenizer.pad_token_id, seed=0, lora_rank=lora_rank)
 
 
 def _hf_engine(tiny):
@@ -179,20 +179,31 @@ def test_image_prompts_equal_the_hf_engine_and_use_synced_vision_weights(vl_mode
     assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
 
 
-def test_lora_actor_syncs_its_merged_weights(text_model):
+def _lora_actor(arch, seed=0):
+    """A peft LoRA actor (rank 4 on q_proj, v_proj) with a trained-looking adapter (B is zero at initialisation)."""
     from mtrl.config.worker import ModelConfig
     from mtrl.models import lora
-    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
 
-    path, tiny = text_model
     adapter = ModelConfig(peft_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0,
                           lora_target_modules=["q_proj", "v_proj"])
-    actor = lora.apply_lora(make_tiny_model("qwen2", seed=0, **SIZES).model, adapter)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained adapter: B is zero at initialisation
+    actor = lora.apply_lora(make_tiny_model(arch, seed=0, **SIZES).model, adapter)
+    _randomize_lora_B(actor, seed)
+    return actor, adapter
+
+
+def _randomize_lora_B(actor, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
         for name, param in actor.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
+
+
+def test_lora_actor_syncs_its_merged_weights(text_model):
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    path, tiny = text_model
+    actor, adapter = _lora_actor("qwen2")
     prompts = _text_prompts(tiny)
     engine = _engine(path, tiny)
     RolloutWeightSync(actor, adapter).sync_to(engine)
@@ -201,6 +212,77 @@ def test_lora_actor_syncs_its_merged_weights(text_model):
     assert torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out), atol=1e-5)
     with actor.disable_adapter():  # the adapter does change the policy
         assert not torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out), atol=1e-3)
+
+
+class _Recording:
+    """The engine, with a record of what each sync hands it: ("weights", names) and ("adapter", names)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def load_weights(self, weights):
+        names = []
+        self.calls.append(("weights", names))
+        self.engine.load_weights((names.append(name) or (name, tensor)) for name, tensor in weights)
+
+    def load_adapter(self, tensors, config):
+        self.calls.append(("adapter", sorted(tensors)))
+        self.engine.load_adapter(tensors, config)
+
+
+def test_lora_adapter_sync_sends_the_base_once_then_only_the_adapter(text_model):
+    import os
+
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    path, tiny = text_model
+    actor, adapter = _lora_actor("qwen2")
+    prompts = _text_prompts(tiny)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=1)
+    engine = _engine(path, tiny, lora_rank=4, lora_sync="adapter")
+    recording = _Recording(engine)
+    sync = RolloutWeightSync(actor, adapter, lora_sync="adapter")
+    sync.sync_to(recording)
+    base_names = sorted(tiny.model.state_dict())
+    adapter_names = sorted(f"base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{w}.weight"
+                           for i in range(tiny.model.config.num_hidden_layers) for m in "qv" for w in "AB")
+    assert [(kind, sorted(names)) for kind, names in recording.calls] == [("weights", base_names),
+                                                                        ("adapter", adapter_names)]
+    first = engine.generate(prompts.select(), params)
+    actor.eval()
+    assert torch.allclose(first["rollout_log_probs"], _forward_log_probs(actor, first), atol=1e-5)
+    with actor.disable_adapter():  # the adapter does change the policy
+        base = _forward_log_probs(actor, first)
+    assert not torch.allclose(first["rollout_log_probs"], base, atol=1e-3)
+
+    # A trained step later: only the adapter's tensors cross, under a new LoRA id; the old one is gone.
+    _randomize_lora_B(actor, seed=1)
+    recording.calls.clear()
+    sync.sync_to(recording)
+    assert recording.calls == [("adapter", adapter_names)]
+    assert engine.lora_request.lora_int_id == 2 and engine.llm.llm_engine.list_loras() == {2}
+    assert os.listdir(engine._adapters.name) == ["2"]
+    second = engine.generate(prompts.select(), params)
+    assert torch.allclose(second["rollout_log_probs"], _forward_log_probs(actor, second), atol=1e-5)
+    assert not torch.allclose(second["rollout_log_probs"], first["rollout_log_probs"], atol=1e-3)
+
+
+def test_lora_adapter_sync_with_images_on_qwen2_vl(vl_model):
+    """Qwen2-VL with the adapter on its language model: vLLM's LoRA scores image prompts as peft does."""
+    from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+    path, tiny = vl_model
+    actor, adapter = _lora_actor("qwen2_vl")
+    prompts = _image_prompts(tiny)
+    engine = _engine(path, tiny, lora_rank=4, lora_sync="adapter")
+    RolloutWeightSync(actor, adapter, lora_sync="adapter").sync_to(engine)
+    out = engine.generate(prompts.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
+    actor.eval()
+    suppressed = list(engine.suppressed)
+    assert torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out, suppressed=suppressed), atol=1e-5)
+    with actor.disable_adapter():
+        assert not torch.allclose(out["rollout_log_probs"], _forward_log_probs(actor, out, suppressed=suppressed),
+                                  atol=1e-3)
 
 
 def _tensor_parallel_rank(rank: int, folder: str, port: int, out_dir: str) -> None:

@@ -12,6 +12,7 @@ PEFT_TYPES = (None, "lora", "qlora")
 LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ROLLOUT_ENGINE_NAMES = ("hf", "vllm")
+LORA_SYNC_MODES = ("merged", "adapter")
 VLLM_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching",
                           "max_num_batched_tokens", "enforce_eager", "limit_mm_per_prompt")
 # A reward function (`function`: its form as the file declares it; `sequential` / `batch`: EasyR1's names, forcing
@@ -131,6 +132,10 @@ class RolloutConfig:
     enforce_eager: bool = False
     max_model_len: Optional[int] = None
     limit_mm_per_prompt: Dict[str, int] = field(default_factory=dict)
+    # With a LoRA actor (worker.actor.model.peft_type=lora), what each step's sync sends the engine: `merged`,
+    # the full weights with the adapter merged in; `adapter` (vllm only), the base weights once and then only
+    # the adapter's factors, served by vLLM's LoRA (language-model modules only, no QLoRA).
+    lora_sync: str = "merged"
     # Generated rows per generate call on each worker, i.e. prompts x n (16 with n = 8 is two prompts): what
     # sets the call's memory. The HF engine pads within a call.
     micro_batch_size_per_device: int = 16

@@ -7,7 +7,8 @@ Config (``worker.actor.model``): ``peft_type: lora | qlora``, ``lora_rank``, ``l
   weights train (the optimizer sees ``requires_grad`` parameters only).
 * The reference policy is the same module with the adapter switched off (``PeftModel.disable_adapter()``),
   so no second copy of the weights is kept.
-* The rollout engine holds a plain (non-peft) copy of the model: the weight sync
+* The rollout engine holds a plain (non-peft) copy of the model (``worker.rollout.lora_sync=merged``; with
+  ``adapter`` the vllm engine gets the base once and then the adapter's factors): the weight sync
   (``mtrl/workers/rollout/weight_sync.py``) merges ``W + (alpha / r) * B @ A`` one module at a time
   (:func:`merge_lora_weight`, the adapted modules found by :func:`lora_adapters`, names by :func:`base_name`);
   :func:`merge_lora_state_dict` does the same over a whole state dict, for export (``python -m mtrl.models.export``).

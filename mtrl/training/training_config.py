@@ -30,6 +30,7 @@ from mtrl.optimization.config import (
     OptimizationConfig,
 )
 from mtrl.config.worker import (
+    LORA_SYNC_MODES,
     LOSS_AGG_MODES,
     LR_SCHEDULER_TYPES,
     MIXED_PRECISION_DTYPES,
@@ -431,6 +432,7 @@ def _validate_rollout_engine(config: MTRLConfig) -> None:
         _choice("worker.rollout.limit_mm_per_prompt key", modality, ("image", "video"))
         if not isinstance(count, int) or count < 0:
             raise ConfigError(f"`worker.rollout.limit_mm_per_prompt.{modality}` = {count!r} must be an integer >= 0.")
+    _validate_lora_sync(config)
     if r.name == "hf":
         defaults = RolloutConfig()
         ignored = [k for k in VLLM_ONLY_ROLLOUT_KEYS if getattr(r, k) != getattr(defaults, k)]
@@ -442,6 +444,30 @@ def _validate_rollout_engine(config: MTRLConfig) -> None:
         raise ConfigError(f"`worker.rollout.tensor_parallel_size` = {r.tensor_parallel_size} must divide the workers "
                           f"per node (`training.n_gpus_per_node` = {t.n_gpus_per_node}): a tensor-parallel engine "
                           f"cannot span nodes.")
+
+
+def _validate_lora_sync(config: MTRLConfig) -> None:
+    """`worker.rollout.lora_sync=adapter` only where vLLM's LoRA can serve the actor's adapter (whether the
+    adapter leaves the vision tower alone is checked when the workers build the actor: RolloutWeightSync)."""
+    r, model = config.worker.rollout, config.worker.actor.model
+    _choice("worker.rollout.lora_sync", r.lora_sync, LORA_SYNC_MODES)
+    if r.lora_sync != "adapter":
+        return
+    if model.peft_type is None:
+        _log.warning("worker.rollout.lora_sync=adapter has no effect: the actor has no adapter "
+                     "(worker.actor.model.peft_type is not set), so its full weights are synced")
+        return
+    if r.name != "vllm":
+        raise ConfigError(f"`worker.rollout.lora_sync` = adapter needs `worker.rollout.name` = vllm (vLLM's LoRA); the "
+                          f"{r.name} engine takes the merged weights: use lora_sync=merged.")
+    if model.peft_type != "lora":
+        raise ConfigError(f"`worker.rollout.lora_sync` = adapter supports `worker.actor.model.peft_type` = lora only "
+                          f"(got {model.peft_type}): use lora_sync=merged.")
+    from mtrl.workers.rollout.vllm_engine import VLLM_LORA_RANKS
+
+    if model.lora_rank > VLLM_LORA_RANKS[-1]:
+        raise ConfigError(f"`worker.rollout.lora_sync` = adapter: vLLM's LoRA takes ranks up to {VLLM_LORA_RANKS[-1]}, "
+                          f"`worker.actor.model.lora_rank` is {model.lora_rank}: use lora_sync=merged.")
 
 
 def missing_rollout_engine(config: MTRLConfig) -> Optional[str]:

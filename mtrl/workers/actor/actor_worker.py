@@ -106,7 +106,8 @@ class ActorRolloutRefWorker(FSDPWorker):
         self.actor = self.build_model(model_path, cfg.actor, trainable=self.with_optimizer, adapter=cfg.actor.model)
         self.model_config = self.actor.config
         self.weight_sync = RolloutWeightSync(self.actor, cfg.actor.model, load_base=self._build_inference_model,
-                                             dtype=resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype))
+                                             dtype=resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype),
+                                             lora_sync=cfg.rollout.lora_sync)
         optimizer = None
         if self.with_optimizer:
             optimizer = fsdp_utils.build_optimizer(self.actor, cfg.actor.optim)
@@ -134,7 +135,8 @@ class ActorRolloutRefWorker(FSDPWorker):
             model = cfg.actor.model
             return VLLMRolloutEngine(model.model_path, self.model_config, cfg.rollout,
                                      resolve_dtype(cfg.actor.fsdp.mixed_precision_dtype), eos_ids, self.pad_token_id,
-                                     seed=self.config.seed, with_lora=lora.peft_type(model) is not None,
+                                     seed=self.config.seed,
+                                     lora_rank=model.lora_rank if lora.peft_type(model) is not None else None,
                                      trust_remote_code=model.trust_remote_code)
         return HFRolloutEngine(partial(self._build_inference_model, empty=True), self.model_config, eos_ids,
                                self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)

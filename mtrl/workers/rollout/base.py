@@ -7,7 +7,7 @@ pushes the current policy weights into it (`load_weights`), asks for `n` respons
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -49,6 +49,11 @@ class RolloutEngine(ABC):
         "processed" log-probs, as verl uses them.
         R is at most `max_new_tokens`.
         """
+
+    def load_adapter(self, tensors: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
+        """Serve the policy as the loaded base weights plus this LoRA adapter (peft's tensor names and
+        adapter_config.json), replacing the previous adapter (`worker.rollout.lora_sync=adapter`)."""
+        raise NotImplementedError(f"{type(self).__name__} takes merged weights only (worker.rollout.lora_sync=merged)")
 
     @abstractmethod
     def release(self) -> None:

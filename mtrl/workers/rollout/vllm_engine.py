@@ -4,7 +4,10 @@ One engine per worker process, built once at start-up from the policy's folder. 
 
 1. `load_weights` wakes the engine (GPU sleep mode) and streams the actor's current weights through
    vLLM's own loader (`reload_weights`: HF names mapped onto vLLM's fused layers, tensor by tensor),
-   then drops the prefix, encoder and multimodal caches, so no stale vision embedding survives a sync;
+   then drops the prefix, encoder and multimodal caches, so no stale vision embedding survives a sync.
+   With `worker.rollout.lora_sync=adapter` the engine runs vLLM's LoRA instead: the base weights come
+   once, and each step `load_adapter` hands vLLM only the adapter's factors as a new LoRA (vLLM loads
+   adapters from a folder only: a peft-format one written per sync), which every request then carries;
 2. `generate` turns the collated prompts into vLLM token prompts (+ the row's images, processed by the
    same Hugging Face processor with the same kwargs as the training side) and returns the layout of
    `RolloutEngine.generate`, sampled-token log-probs included;
@@ -19,7 +22,10 @@ requests, so they first exchange their rows and each keeps its own outputs.
 """
 
 import importlib.metadata
+import json
 import os
+import shutil
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -31,6 +37,8 @@ from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_ma
 # The vLLM releases this engine is written and tested against (reload_weights, logprobs_mode,
 # external_launcher with an existing process group).
 SUPPORTED_VLLM = ((0, 11), (0, 33))
+# The ranks vLLM's LoRA is built for (`LoRAConfig.max_lora_rank`): an adapter of rank r takes the next one up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_version_problem() -> Optional[str]:
@@ -65,8 +73,10 @@ def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, mode
 
 class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, model_path: str, model_config: Any, rollout: RolloutConfig, dtype: torch.dtype,
-                 eos_token_ids: Sequence[int], pad_token_id: int, seed: int, with_lora: bool = False,
+                 eos_token_ids: Sequence[int], pad_token_id: int, seed: int, lora_rank: Optional[int] = None,
                  trust_remote_code: bool = False):
+        """`lora_rank`: the actor's LoRA rank, None without an adapter; with `rollout.lora_sync=adapter` the
+        engine serves the adapter with vLLM's LoRA (`load_adapter`), else it takes merged weights."""
         problem = vllm_version_problem()
         if problem:
             raise RuntimeError(problem)
@@ -83,8 +93,16 @@ class VLLMRolloutEngine(RolloutEngine):
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.on_gpu = _on_gpu()
-        self.sleep_level = 1 if with_lora else 2
+        self.sleep_level = 1 if lora_rank is not None else 2
         self.asleep = False
+        self.takes_adapter = lora_rank is not None and rollout.lora_sync == "adapter"
+        lora_args = {}
+        if self.takes_adapter:
+            lora_args = dict(enable_lora=True, max_loras=1,
+                             max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
+        # The current adapter (a vLLM LoRARequest, a folder under `_adapters`) that every request carries.
+        self.lora_request = None
+        self._adapters = tempfile.TemporaryDirectory(prefix="mtrl-lora-") if self.takes_adapter else None
         # A response must not contain vision placeholders (as in the hf engine): there is no image for them.
         self.suppressed = {int(i): -100.0 for i in (getattr(model_config, k, None) for k in
                                                      ("image_token_id", "video_token_id", "vision_start_token_id",
@@ -101,7 +119,7 @@ class VLLMRolloutEngine(RolloutEngine):
             enable_sleep_mode=self.on_gpu, limit_mm_per_prompt=limits or None,
             # The log-prob of each sampled token under the distribution it was drawn from (temperature,
             # top-k, top-p applied), to compare with the actor's and to correct for the difference.
-            logprobs_mode="processed_logprobs", skip_tokenizer_init=False)
+            logprobs_mode="processed_logprobs", skip_tokenizer_init=False, **lora_args)
         self._tp_group = self._tensor_parallel_group()
 
     @staticmethod
@@ -120,6 +138,35 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+        self._drop_caches()
+
+    def load_adapter(self, tensors: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
+        """Serve the LoRA adapter `tensors` (peft's names, `base_model.model.<module>.lora_A.weight`) with
+        `config` (peft's adapter_config.json) from now on, under a new LoRA id; the previous one is removed."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not self.takes_adapter:
+            raise RuntimeError("this vllm engine takes merged weights (worker.rollout.lora_sync=merged)")
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        lora_id = self.lora_request.lora_int_id + 1 if self.lora_request else 1
+        folder = os.path.join(self._adapters.name, str(lora_id))
+        partial = folder + ".partial"
+        os.makedirs(partial)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(partial, "adapter_model.safetensors"))
+        with open(os.path.join(partial, "adapter_config.json"), "w") as f:
+            json.dump(config, f)
+        os.rename(partial, folder)  # vLLM never reads a half-written adapter
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            shutil.rmtree(self.lora_request.lora_path)
+        self.lora_request = LoRARequest(f"policy-{lora_id}", lora_id, folder)
+        self.llm.llm_engine.add_lora(self.lora_request)
+        self._drop_caches()
+
+    def _drop_caches(self) -> None:
         # Everything computed with the old weights goes: cached prefixes, and the vision encoder's
         # outputs (the scheduler's record of them too, else the next image request misses its entry).
         self.llm.reset_prefix_cache()
@@ -174,7 +221,8 @@ class VLLMRolloutEngine(RolloutEngine):
         # the worker count (as in the hf engine).
         seeds = response_seeds(params.seed, everyone.non_tensors["uid"], params.n)
         requests = [r for r in self._requests(everyone) for _ in range(params.n)]
-        outputs = self.llm.generate(requests, [self._sampling(params, s) for s in seeds], use_tqdm=False)
+        outputs = self.llm.generate(requests, [self._sampling(params, s) for s in seeds], use_tqdm=False,
+                                    lora_request=self.lora_request)
         outputs = outputs[mine]
         batch = prompts.repeat(params.n) if params.n > 1 else prompts
         self._check_prompts(outputs, batch)
