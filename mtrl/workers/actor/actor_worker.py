@@ -137,7 +137,8 @@ class ActorRolloutRefWorker(FSDPWorker):
                                      seed=self.config.seed, with_lora=lora.peft_type(model) is not None,
                                      trust_remote_code=model.trust_remote_code)
         return HFRolloutEngine(partial(self._build_inference_model, empty=True), self.model_config, eos_ids,
-                               self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)
+                               self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device,
+                               policy_stats=cfg.actor.old_log_probs == "rollout")
 
     def _build_inference_model(self, empty: bool = False):
         """The plain policy in the compute dtype; `empty`: without its weights (the rollout engine's, which
