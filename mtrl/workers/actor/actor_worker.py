@@ -2,7 +2,8 @@
 
 One Ray actor per device runs this class; the controller calls its methods on the whole group
 (`mtrl.single_controller`), each rank getting its share of the batch. Phases per training step:
-generate -> old log-probs (+entropy) -> perception pass -> reference log-probs -> update.
+generate -> old log-probs (+entropy; unless the engine records them or the update's own forward gives them:
+`worker.actor.old_log_probs`) -> perception pass -> reference log-probs -> update.
 """
 
 from dataclasses import replace
