@@ -66,6 +66,21 @@ def test_engine_without_policy_stats_returns_only_the_behaviour_log_probs(tiny, 
     assert "rollout_log_probs" in out.tensors and "old_log_probs" not in out.tensors and "entropys" not in out.tensors
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["worker.actor.old_log_probs=engine"], "`worker.actor.old_log_probs` = 'engine' is not allowed"),
+    (["worker.actor.old_log_probs=rollout", "worker.rollout.name=vllm"], "needs `worker.rollout.name` = hf and no LoRA"),
+    (["worker.actor.old_log_probs=rollout", "worker.actor.model.peft_type=lora"], "needs `worker.rollout.name` = hf"),
+])
+def test_old_log_probs_from_an_engine_that_is_not_the_actor_exit_2(capsys, overrides, message):
+    from test_config import BASE
+
+    from mtrl.training.training_main import main
+
+    assert main([*BASE, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------ the on-policy update
 
 
