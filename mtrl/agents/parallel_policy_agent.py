@@ -60,12 +60,12 @@ def _global_counts(masks: List[torch.Tensor], device: torch.device) -> List[Dict
     return [{"global_token_count": float(c[0]), "global_seq_count": float(c[1])} for c in counts]
 
 
-def all_reduce_sums(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
-    """Sum each value over ranks with one all-reduce (every rank must hold the same keys)."""
+def all_reduce_sums(values: Dict[str, float], device: torch.device, op=dist.ReduceOp.SUM) -> Dict[str, float]:
+    """Sum (or reduce by `op`) each value over ranks with one all-reduce (every rank must hold the same keys)."""
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     if dist.is_initialized() and keys:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return dict(zip(keys, t.tolist()))
 
 
@@ -181,12 +181,22 @@ class ParallelPolicyAgent:
         filter, 1 = receives gradient), ref_log_probs (divergence loss) and rollout_is_weights (rollout
         correction: each token's policy loss is multiplied by its weight).
 
+        Without old_log_probs (and without expert rows) the update is on-policy: it must be one optimizer
+        step (one epoch, one mini-batch), so pi_old is the policy being updated and each micro-batch takes
+        its own forward's log-probs, detached, as the old ones (`_on_policy_old_log_probs`), and computes
+        what the controller computes after an old-log-prob pass: `actor/entropy`, and from the batch's
+        rollout_log_probs the rollout correction's weights and metrics.
+
         Expert rows (CHORD, SFT): with an `is_expert` (B,) column the loss is
         ``(1 - mu) * pg_loss(usual rows) + mu * sft_loss(expert rows)``, mu = ``batch.meta["chord_mu"]``,
         each term normalised by its own rows' global counts in the mini-batch (so micro-batching and the
         split over ranks still do not change the gradient). Expert rows need no old_log_probs/advantages.
         """
         cfg = self.config
+        if "old_log_probs" not in batch.tensors and "is_expert" not in batch.tensors and \
+                (cfg.ppo_epochs != 1 or len(batch) > mini_batch_size):
+            raise ValueError(f"an update without old_log_probs must be one optimizer step (on-policy), got "
+                             f"ppo_epochs={cfg.ppo_epochs} and {len(batch)} rows in mini-batches of {mini_batch_size}")
         self.model.train()
         sums: Dict[str, List[float]] = {}
 
@@ -201,6 +211,7 @@ class ParallelPolicyAgent:
                     norm = global_normalisers(mini, self.device)
                 world = dist.get_world_size() if dist.is_initialized() else 1
                 mini_metrics: Dict[str, float] = {}
+                mini_maxima: Dict[str, float] = {}
                 for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
                                                 cfg.dynamic_batching, cfg.max_token_len_per_device):
                     for member_mb, _ in self.sp.each_member(mb):
@@ -208,12 +219,17 @@ class ParallelPolicyAgent:
                         # Every rank of a sequence-parallel group holds the member's whole loss: 1/sp each.
                         (loss * world / self.sp.size).backward()
                         for k, v in micro_metrics.items():
-                            mini_metrics[k] = mini_metrics.get(k, 0.0) + v / self.sp.size
+                            if k in po.ROLLOUT_MAX_METRICS:
+                                mini_maxima[k] = max(mini_maxima.get(k, v), v)
+                            else:
+                                mini_metrics[k] = mini_metrics.get(k, 0.0) + v / self.sp.size
                 record("actor/grad_norm", self.skipped_updates.record(
                     clipped_optimizer_step(self.model, self.optimizer, cfg.max_grad_norm)))
                 # Every metric is a micro-batch's share of a global mean (losses by their normalisers, the
                 # ratio statistics by tokens): summed over ranks it is the mini-batch's value.
                 for k, v in all_reduce_sums(mini_metrics, self.device).items():
+                    record(k, v)
+                for k, v in all_reduce_sums(mini_maxima, self.device, op=dist.ReduceOp.MAX).items():
                     record(k, v)
         return {**{k: sum(v) / len(v) for k, v in sums.items()}, **self.skipped_updates.metrics()}
 
@@ -222,21 +238,44 @@ class ParallelPolicyAgent:
         if "is_expert" in mb.tensors:
             return self._mixed_micro_batch_loss(mb, temperature, opt, norm)
         cfg = self.config
-        out = self._forward(mb, temperature, entropy_bonus=opt.entropy_bonus_coef > 0)
+        on_policy = "old_log_probs" not in mb.tensors
+        out = self._forward(mb, temperature, return_entropy=on_policy, entropy_bonus=opt.entropy_bonus_coef > 0)
         log_probs = out["log_probs"]
         t = {k: v.to(self.device) for k, v in mb.tensors.items()
              if k in ("old_log_probs", "advantages", "response_mask", "token_mask", "ref_log_probs",
-                      "rollout_is_weights")}
+                      "rollout_is_weights", "rollout_log_probs")}
         mask = t["response_mask"]
+        old_policy_metrics = self._on_policy_old_log_probs(out, t, opt, norm["global_token_count"]) \
+            if on_policy else {}
         pg_loss, pg_metrics = po.get_policy_loss(opt.policy_loss)(
             t["old_log_probs"], log_probs, t["advantages"], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
             cfg.clip_ratio_dual, loss_agg_mode=cfg.loss_agg_mode, token_mask=t.get("token_mask"), settings=opt,
             rollout_is_weights=t.get("rollout_is_weights"), **norm)
         loss = pg_loss
-        metrics = {"actor/pg_loss": pg_loss.item(),
+        metrics = {"actor/pg_loss": pg_loss.item(), **old_policy_metrics,
                    **ratio_metrics(pg_metrics, mask, norm["global_token_count"])}
         loss = loss + self._regularisation(out, t.get("ref_log_probs"), mask, opt, norm, metrics)
         return loss, metrics
+
+    @staticmethod
+    def _on_policy_old_log_probs(out: Dict[str, torch.Tensor], t: Dict[str, torch.Tensor], opt: OptimizationConfig,
+                                 global_token_count: float) -> Dict[str, float]:
+        """One optimizer step per rollout: pi_old is the policy being updated, so the forward's log-probs,
+        detached, are exactly the old log-probs (verl's `on_policy`). Writes t["old_log_probs"] (and, with the
+        rollout correction on, t["rollout_is_weights"] from them) and returns this micro-batch's share of the
+        metrics the controller logs after an old-log-prob pass (`actor/entropy`, `rollout/...`,
+        `rollout_corr/...`): token means weighted by tokens, maxima as they are."""
+        mask = t["response_mask"]
+        t["old_log_probs"] = out["log_probs"].detach()
+        means = {"actor/entropy": po.masked_mean(out["entropy"].detach(), mask)}
+        maxima = {}
+        if po.check_rollout_log_probs(t, opt):
+            weights, rollout_metrics = po.rollout_correction(t["old_log_probs"], t["rollout_log_probs"], mask, opt)
+            if weights is not None:
+                t["rollout_is_weights"] = weights
+            for k, v in rollout_metrics.items():
+                (maxima if k in po.ROLLOUT_MAX_METRICS else means)[k] = v
+        return {**token_weighted(means, mask, global_token_count), **{k: float(v) for k, v in maxima.items()}}
 
     def _regularisation(self, out: Dict[str, torch.Tensor], ref_log_probs: Optional[torch.Tensor],
                         mask: torch.Tensor, opt: OptimizationConfig, norm: Dict[str, float],

@@ -13,6 +13,7 @@ LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ROLLOUT_ENGINE_NAMES = ("hf", "vllm")
 LORA_SYNC_MODES = ("merged", "adapter")
+OLD_LOG_PROB_SOURCES = ("auto", "recompute", "rollout")
 VLLM_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching",
                           "max_num_batched_tokens", "enforce_eager", "limit_mm_per_prompt")
 # A reward function (`function`: its form as the file declares it; `sequential` / `batch`: EasyR1's names, forcing
@@ -87,6 +88,15 @@ class ActorConfig(TrainedRoleConfig):
     clip_ratio_dual: float = 3.0
     ulysses_size: int = 1
     use_torch_compile: bool = False
+    # Where pi_old (the PPO ratio's old log-probs) and the token entropies come from. recompute: the actor's
+    # own forward pass before the update (always exact). auto: no pass when the step is one optimizer step
+    # (ppo_epochs 1, one mini-batch) and nothing needs them before the update (no TPRL entropy filtering or
+    # sampled_k3 perception pass, KL-in-reward penalty, adaptive entropy bonus, CHORD): pi_old is then the
+    # policy being updated, so the update's own forward, detached, is exact (verl's `on_policy`, TRL); else
+    # recompute. rollout: the hf engine records log_softmax(logits / T) of each sampled token and the entropy
+    # during generation (same weights and compute dtype; within 1e-5 of the actor's in fp32; no LoRA), and
+    # the pass never runs: verl's "bypass mode", but with the policy's own distribution, not the sampling one.
+    old_log_probs: str = "auto"
 
 
 @dataclass

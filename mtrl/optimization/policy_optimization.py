@@ -77,8 +77,11 @@ from mtrl.optimization.preference_losses import (
 )
 from mtrl.optimization.reward_shaping import overlong_penalty
 from mtrl.optimization.rollout_correction import (
+    ROLLOUT_MAX_METRICS,
     apply_rollout_correction,
+    check_rollout_log_probs,
     compute_rollout_is_weights,
+    rollout_correction,
     rollout_is_weight_metrics,
     rollout_mismatch_metrics,
 )
@@ -109,7 +112,8 @@ __all__ = [
     "compute_entropy_penalty", "compute_policy_loss", "compute_value_loss", "get_policy_loss", "register_policy_loss",
     "compute_gspo_loss", "compute_gspo_token_loss", "compute_gmpo_loss", "compute_cispo_loss", "compute_sapo_loss",
     "compute_clip_cov_loss", "compute_kl_cov_loss", "overlong_penalty",
-    "apply_rollout_correction", "compute_rollout_is_weights", "rollout_is_weight_metrics", "rollout_mismatch_metrics",
+    "ROLLOUT_MAX_METRICS", "apply_rollout_correction", "check_rollout_log_probs", "compute_rollout_is_weights",
+    "rollout_correction", "rollout_is_weight_metrics", "rollout_mismatch_metrics",
     "DPO_LOSS_TYPES", "compute_bradley_terry_loss", "compute_dpo_loss", "sequence_log_probs",
     "compute_chord_mu", "compute_chord_phi", "compute_sft_loss",
     "DEPENDENCY_ESTIMATORS", "FILTER_SCOPES", "apply_tprl", "compute_tprl_token_mask", "compute_trajectory_metrics",

@@ -17,11 +17,13 @@ rollout_is_threshold=cap``; ``mis`` = ``rollout_is_threshold="<1/cap>_<cap>"`` (
 level equals verl's Seq-MIS preset (``decoupled_seq_is_rs``: sequence TIS + ``seq_sum_k1`` rejection in
 [1/cap, cap]) except that verl's rejection also drops the tokens from the loss denominator.
 Weights are per row (a token's or its own sequence's ratio), so any split over ranks or micro-batches
-gives the same ones; the controller computes them once per step on the whole batch (``apply_rollout_correction``).
+gives the same ones; the controller computes them once per step on the whole batch (``apply_rollout_correction``),
+or, on-policy without the old-log-prob pass, the actor's update on each micro-batch from its own forward
+(``rollout_correction``; ``worker.actor.old_log_probs``).
 """
 
 import math
-from typing import Dict, MutableMapping
+from typing import Dict, Mapping, MutableMapping, Optional, Tuple
 
 import torch
 
@@ -30,6 +32,8 @@ from mtrl.optimization.masked import masked_mean, masked_sum
 
 # verl's SAFETY_BOUND: log-ratios are clamped to [-20, 20] before exp.
 MAX_LOG_RATIO = 20.0
+# The metric of `rollout_correction` that is a maximum over tokens, not a mean.
+ROLLOUT_MAX_METRICS = ("rollout/logprob_abs_diff_max",)
 
 
 def rollout_log_ratio(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, response_mask: torch.Tensor,
@@ -87,23 +91,43 @@ def rollout_is_weight_metrics(weights: torch.Tensor, old_log_probs: torch.Tensor
                 "masked_fraction": masked_mean((weights == 0).float(), response_mask)}
 
 
+def rollout_correction(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                       opt: OptimizationConfig) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+    """The weights of ``opt.rollout_correction`` (None when it is off) and the metrics under their logged names
+    (``rollout/...``, and ``rollout_corr/...`` with the weights), computed in fp64 on any set of whole rows:
+    every metric is a mean over the response tokens but ``ROLLOUT_MAX_METRICS``, a maximum."""
+    # fp64: matched engines differ by ~1e-7 per token, whose k3 term (~l^2 / 2) fp32 rounds to 0.
+    old, rollout, mask = (x.double() for x in (old_log_probs, rollout_log_probs, response_mask))
+    metrics = {f"rollout/{k}": v for k, v in rollout_mismatch_metrics(old, rollout, mask).items()}
+    if opt.rollout_correction == "none":
+        return None, metrics
+    level, cap = opt.rollout_correction_level, opt.rollout_is_cap
+    weights = compute_rollout_is_weights(old, rollout, mask, opt.rollout_correction, level, cap)
+    metrics.update({f"rollout_corr/{k}": v
+                    for k, v in rollout_is_weight_metrics(weights, old, rollout, mask, level, cap).items()})
+    return weights.float(), metrics
+
+
+def check_rollout_log_probs(tensors: Mapping[str, torch.Tensor], opt: OptimizationConfig) -> bool:
+    """Whether the batch has the engine's ``rollout_log_probs``; raises when the correction is on without them."""
+    if "rollout_log_probs" in tensors:
+        return True
+    if opt.rollout_correction != "none":
+        raise RuntimeError(f"optimization.rollout_correction={opt.rollout_correction} needs the rollout "
+                           "engine's `rollout_log_probs` (RolloutEngine.generate); this batch has none")
+    return False
+
+
 def apply_rollout_correction(tensors: MutableMapping[str, torch.Tensor], opt: OptimizationConfig) -> Dict[str, float]:
     """The controller's step after the old-log-prob pass, on the whole batch's ``tensors``: the mismatch
     metrics (``rollout/...``) when the batch has ``rollout_log_probs``; with ``opt.rollout_correction`` on,
     also the weights (``tensors["rollout_is_weights"]``, read by the actor's policy loss) and their
-    metrics (``rollout_corr/...``)."""
-    if "rollout_log_probs" not in tensors:
-        if opt.rollout_correction != "none":
-            raise RuntimeError(f"optimization.rollout_correction={opt.rollout_correction} needs the rollout "
-                               "engine's `rollout_log_probs` (RolloutEngine.generate); this batch has none")
+    metrics (``rollout_corr/...``). (Without the pass, on-policy, the actor's update computes the same from
+    its own forward: ``ParallelPolicyAgent``.)"""
+    if not check_rollout_log_probs(tensors, opt):
         return {}
-    # fp64: matched engines differ by ~1e-7 per token, whose k3 term (~l^2 / 2) fp32 rounds to 0.
-    old, rollout, mask = (tensors[k].double() for k in ("old_log_probs", "rollout_log_probs", "response_mask"))
-    metrics = {f"rollout/{k}": float(v) for k, v in rollout_mismatch_metrics(old, rollout, mask).items()}
-    if opt.rollout_correction != "none":
-        level, cap = opt.rollout_correction_level, opt.rollout_is_cap
-        weights = compute_rollout_is_weights(old, rollout, mask, opt.rollout_correction, level, cap)
-        tensors["rollout_is_weights"] = weights.float()
-        metrics.update({f"rollout_corr/{k}": float(v)
-                        for k, v in rollout_is_weight_metrics(weights, old, rollout, mask, level, cap).items()})
-    return metrics
+    weights, metrics = rollout_correction(tensors["old_log_probs"], tensors["rollout_log_probs"],
+                                          tensors["response_mask"], opt)
+    if weights is not None:
+        tensors["rollout_is_weights"] = weights
+    return {k: float(v) for k, v in metrics.items()}

@@ -9,6 +9,10 @@ token/trajectory decisions; Ray actors own the devices and run FSDP2 actor/refer
     -> values -> advantages, TPRL mask and scaling
     -> critic update -> actor update -> metrics [-> validation]
 
+The old log-probs + entropy come from the actor's own pass, or from the rollout engine, or (one optimizer step
+per rollout and nothing before the update reads them) from the update's forward, which then also computes the
+entropy and rollout-correction metrics and weights (`worker.actor.old_log_probs`, `_old_log_prob_source`).
+
 Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max) are made here,
 so results do not depend on the number of workers.
 """
@@ -155,13 +159,18 @@ class DistributedTrainer(Trainer):
         # update mini-batch (and token-balanced), so neither passes nor update depend on the worker count.
         order = self._rank_order(batch, self.config.worker.actor.global_batch_size * rollout.n, metrics=metrics)
 
-        with self._timer("old_log_probs"):
-            batch.union(self._dp(self.actor_wg.compute_log_probs, batch, order))
-        # The engine's sampled-token log-probs vs the actor's: mismatch metrics and the correction weights.
-        metrics.update(po.apply_rollout_correction(batch.tensors, opt))
-        metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
-        batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
-            self.entropy_bonus.coefficient(metrics["actor/entropy"])
+        source = self._old_log_prob_source(batch)
+        if source == "recompute":
+            with self._timer("old_log_probs"):
+                batch.union(self._dp(self.actor_wg.compute_log_probs, batch, order))
+        if source == "update":  # the update computes these from its own forward (fixed bonus coefficient)
+            batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = self.entropy_bonus.value
+        else:
+            # The engine's sampled-token log-probs vs the actor's: mismatch metrics and the correction weights.
+            metrics.update(po.apply_rollout_correction(batch.tensors, opt))
+            metrics["actor/entropy"] = float(po.masked_mean(batch.tensors["entropys"], batch.tensors["response_mask"]))
+            batch.meta["entropy_bonus_coef"] = metrics["actor/entropy_bonus_coef"] = \
+                self.entropy_bonus.coefficient(metrics["actor/entropy"])
         if opt.needs_perception_pass and self._has_vision(batch):
             with self._timer("perception"):
                 self._perception_pass(batch, order)
@@ -186,6 +195,25 @@ class DistributedTrainer(Trainer):
         metrics.update(throughput_metrics(batch, time.perf_counter() - step_start, self.config.training.world_size))
         metrics.update(length_metrics(batch))
         return metrics
+
+    def _old_log_prob_source(self, batch: DataBatch) -> str:
+        """Where this step's old log-probs and entropies come from (`worker.actor.old_log_probs`): "recompute"
+        (the actor's pass), "rollout" (the engine recorded them) or "update" (auto, when exact: the update is one
+        optimizer step and nothing before it reads them; the actor's update then takes its own forward's)."""
+        mode = self.config.worker.actor.old_log_probs
+        if mode == "rollout" and "old_log_probs" not in batch.tensors:
+            raise RuntimeError("worker.actor.old_log_probs=rollout: the rollout engine returned no old_log_probs")
+        if mode != "auto":
+            return mode
+        opt, actor = self.config.optimization, self.config.worker.actor
+        one_optimizer_step = actor.ppo_epochs == 1 and len(batch) <= actor.global_batch_size * batch.meta["n"]
+        read_before_update = (
+            opt.enable_entropy_filtering  # TPRL's entropy filter
+            or (opt.needs_perception_pass and opt.dependency_estimator == "sampled_k3" and self._has_vision(batch))
+            or (self.use_reference and not opt.use_divergence_loss)  # the KL penalty in the reward
+            or opt.entropy_bonus_type == "adaptive"  # this step's coefficient follows this step's entropy
+            or opt.chord.enable)  # the mixed update's expert rows have no on-policy path yet
+        return "update" if one_optimizer_step and not read_before_update else "recompute"
 
     def _update_actor(self, batch: DataBatch, order: Optional[List[int]]) -> Dict[str, float]:
         """The actor update, rows dispatched in `order` (CHORD mixes expert rows in here: mtrl/training/chord.py)."""

@@ -34,6 +34,7 @@ from mtrl.config.worker import (
     LOSS_AGG_MODES,
     LR_SCHEDULER_TYPES,
     MIXED_PRECISION_DTYPES,
+    OLD_LOG_PROB_SOURCES,
     PEFT_TYPES,
     REWARD_TYPES,
     ROLLOUT_ENGINE_NAMES,
@@ -424,6 +425,12 @@ def _validate_rollout_engine(config: MTRLConfig) -> None:
     if not w.hybrid_engine:
         raise ConfigError("`worker.hybrid_engine` = false (a separate rollout server) is not implemented in this "
                           "version of MTRL: the rollout engine runs in the actor's worker processes; use true.")
+    _choice("worker.actor.old_log_probs", w.actor.old_log_probs, OLD_LOG_PROB_SOURCES)
+    if w.actor.old_log_probs == "rollout" and (r.name != "hf" or w.actor.model.peft_type is not None):
+        # The hf engine computes with the actor's weights in its compute dtype; a merged LoRA adapter rounds them.
+        raise ConfigError(f"`worker.actor.old_log_probs` = rollout needs `worker.rollout.name` = hf and no LoRA "
+                          f"(got {r.name}, peft_type {w.actor.model.peft_type}): only then are the engine's "
+                          f"log-probs the actor's; use auto or recompute.")
     _positive("worker.rollout.tensor_parallel_size", r.tensor_parallel_size)
     for key in ("max_num_batched_tokens", "max_model_len"):
         if getattr(r, key) is not None:

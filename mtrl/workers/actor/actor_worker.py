@@ -2,7 +2,8 @@
 
 One Ray actor per device runs this class; the controller calls its methods on the whole group
 (`mtrl.single_controller`), each rank getting its share of the batch. Phases per training step:
-generate -> old log-probs (+entropy) -> perception pass -> reference log-probs -> update.
+generate -> old log-probs (+entropy; unless the engine records them or the update's own forward gives them:
+`worker.actor.old_log_probs`) -> perception pass -> reference log-probs -> update.
 """
 
 from dataclasses import replace
@@ -139,7 +140,8 @@ class ActorRolloutRefWorker(FSDPWorker):
                                      lora_rank=model.lora_rank if lora.peft_type(model) is not None else None,
                                      trust_remote_code=model.trust_remote_code)
         return HFRolloutEngine(partial(self._build_inference_model, empty=True), self.model_config, eos_ids,
-                               self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device)
+                               self.pad_token_id, self.device, cfg.rollout.micro_batch_size_per_device,
+                               policy_stats=cfg.actor.old_log_probs == "rollout")
 
     def _build_inference_model(self, empty: bool = False):
         """The plain policy in the compute dtype; `empty`: without its weights (the rollout engine's, which

@@ -7,7 +7,7 @@ and `release` frees the copy before the training passes. `benchmarks/rollout_eng
 both ways.
 """
 
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -86,17 +86,40 @@ class SampledTokenLogProbs(LogitsProcessor):
         return torch.stack(self._log_probs, dim=1)
 
 
+class PolicyTokenStats(SampledTokenLogProbs):
+    """The policy's own log-prob of each sampled token and the entropy of each step's distribution, both of
+    softmax(logits / T): what the actor's forward gives for the same tokens (pi_old and its entropy), not the
+    behaviour policy of `SampledTokenLogProbs` (placed first, it sees the logits before the vision-token
+    suppression; top-k / top-p are not applied). Keeps one step's B x V log-probs and a (B,) entropy per step.
+    """
+
+    def __init__(self, temperature: float):
+        super().__init__(lambda scores: scores / temperature)
+        self._entropies: List[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = super().__call__(input_ids, scores)
+        self._entropies.append(-(self._previous.exp() * self._previous).sum(-1))
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, G) log-probs of `generated` and (B, G) entropies."""
+        return super().finish(generated), torch.stack(self._entropies, dim=1)
+
+
 class HFRolloutEngine(RolloutEngine):
     def __init__(self, build_model: Any, model_config: Any, eos_token_ids: List[int], pad_token_id: int,
-                 device: torch.device, micro_batch_size: int = 16):
+                 device: torch.device, micro_batch_size: int = 16, policy_stats: bool = False):
         """`build_model()` returns an nn.Module with the policy's architecture (weights are overwritten);
-        `micro_batch_size`: rows (prompts x n) per forward call."""
+        `micro_batch_size`: rows (prompts x n) per forward call; `policy_stats`: also return the policy's
+        `old_log_probs` and `entropys` of the responses (`PolicyTokenStats`)."""
         self._build_model = build_model
         self.model_config = model_config
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.device = device
         self.micro_batch_size = micro_batch_size
+        self.policy_stats = policy_stats
         self.model: Optional[nn.Module] = None
         self._kept_buffers: Optional[dict] = None
         # A response must not contain vision placeholders: they would ask the model for images that
@@ -172,30 +195,37 @@ class HFRolloutEngine(RolloutEngine):
         width = max(max(ids.shape[1] for ids, _ in pieces), params.max_new_tokens)
         responses = torch.cat([nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_token_id)
                                for ids, _ in pieces])
-        log_probs = torch.cat([nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in pieces])
         response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)
+        per_token = {k: torch.cat([nn.functional.pad(p[k], (0, width - p[k].shape[1])) for _, p in pieces])
+                     * response_mask for k in pieces[0][1]}
         batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask,
-                             rollout_log_probs=log_probs * response_mask)
+                             **per_token)
         return batch
 
     def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams,
-                              seeds: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(response ids, their log-probs), both (rows, G) with G the generated length."""
+                              seeds: List[int]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(response ids, {"rollout_log_probs": their log-probs[, "old_log_probs", "entropys"]}), all (rows, G)
+        with G the generated length."""
         input_ids = mb.tensors["input_ids"].to(self.device)
         attention_mask = mb.tensors["attention_mask"].to(self.device)
         vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
         if vision:
             vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
-        # The vision-token suppression, the log-prob recorder, then sampling: greedy decoding of the seeded,
-        # shaped scores is sampling (SeededSampling); plain greedy otherwise.
+        # [The policy's own statistics, on the raw logits,] the vision-token suppression, the log-prob recorder,
+        # then sampling: greedy decoding of the seeded, shaped scores is sampling (SeededSampling); plain greedy
+        # otherwise.
         suppress = ([SuppressTokensLogitsProcessor(self.suppress_tokens, device=self.device)]
                     if self.suppress_tokens else [])
         sampling = [] if params.greedy else [SeededSampling(seeds, params, self.device)]
         recorder = SampledTokenLogProbs(sampling[0].shape if sampling else (lambda scores: scores))
-        processors = LogitsProcessorList([*suppress, recorder, *sampling])
+        policy = [PolicyTokenStats(params.temperature or 1.0)] if self.policy_stats else []
+        processors = LogitsProcessorList([*policy, *suppress, recorder, *sampling])
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
             do_sample=False, logits_processor=processors, top_k=None, top_p=None, temperature=None, **vision)
         generated = output[:, input_ids.shape[1]:]
-        return generated.cpu(), recorder.finish(generated).cpu()
+        per_token = {"rollout_log_probs": recorder.finish(generated)}
+        if policy:
+            per_token["old_log_probs"], per_token["entropys"] = policy[0].finish(generated)
+        return generated.cpu(), {k: v.cpu() for k, v in per_token.items()}
