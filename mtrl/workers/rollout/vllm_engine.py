@@ -18,14 +18,16 @@ make one tensor-parallel engine, and each such group generates its own share of 
 requests, so they first exchange their rows and each keeps its own outputs.
 """
 
+import dataclasses
 import importlib.metadata
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mtrl.config.worker import RolloutConfig
 from mtrl.protocol import DataBatch
+from mtrl.utils.vision import Video, video_processor_kwargs
 from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids, response_seeds
 
 # The vLLM releases this engine is written and tested against (reload_weights, logprobs_mode,
@@ -61,6 +63,20 @@ def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, mode
     ids = input_ids[attention_mask.bool()].tolist()
     vision = {getattr(model_config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
     return [t for i, t in enumerate(ids) if not (t in vision and i > 0 and ids[i - 1] == t)]
+
+
+def video_item(video: Video) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """A row's video as vLLM takes it: the frames the training side's processor got, with their metadata
+    (Qwen2.5-VL's `second_per_grid_ts`, Qwen3-VL's timestamps), marked as already sampled."""
+    return video.frames, {**dataclasses.asdict(video.metadata()), "do_sample_frames": False}
+
+
+def mm_processor_kwargs(bounds: Dict[str, int], with_videos: bool) -> Dict[str, Any]:
+    """A row's `mm_processor_kwargs` (its pixel bounds) plus, for videos, the `videos_kwargs` the training
+    side's video processor ran with (`video_processor_kwargs`): vLLM routes them to the HF processor unchanged."""
+    if not with_videos:
+        return dict(bounds)
+    return {**bounds, "videos_kwargs": video_processor_kwargs(bounds["min_pixels"], bounds["max_pixels"])}
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -139,16 +155,17 @@ class VLLMRolloutEngine(RolloutEngine):
         videos = prompts.non_tensors.get("videos")
         requests = []
         for i in range(len(prompts)):
-            if videos is not None and len(videos[i]):
-                raise NotImplementedError(
-                    f"prompt {prompts.non_tensors['uid'][i]!r} has a video: the vllm engine takes images only in "
-                    f"this version of MTRL; use worker.rollout.name=hf for video data")
             request: Dict[str, Any] = {"prompt_token_ids": prompt_token_ids(
                 prompts.tensors["input_ids"][i], prompts.tensors["attention_mask"][i], self.model_config)}
+            media = {}
             if images is not None and len(images[i]):
-                request["multi_modal_data"] = {"image": list(images[i])}
+                media["image"] = list(images[i])
+            if videos is not None and len(videos[i]):
+                media["video"] = [video_item(v) for v in videos[i]]
+            if media:
+                request["multi_modal_data"] = media
                 if processor_kwargs is not None and processor_kwargs[i]:
-                    request["mm_processor_kwargs"] = dict(processor_kwargs[i])
+                    request["mm_processor_kwargs"] = mm_processor_kwargs(processor_kwargs[i], "video" in media)
             requests.append(request)
         return requests
 
@@ -193,12 +210,12 @@ class VLLMRolloutEngine(RolloutEngine):
         return batch
 
     def _check_prompts(self, outputs, batch: DataBatch) -> None:
-        """vLLM's expanded prompt must be the training side's: else the images were processed differently."""
+        """vLLM's expanded prompt must be the training side's: else the images / videos were processed differently."""
         for row, output in enumerate(outputs):
             mask = batch.tensors["attention_mask"][row].bool()
             expected = batch.tensors["input_ids"][row][mask].tolist()
             if list(output.prompt_token_ids) != expected:
                 raise RuntimeError(
                     f"vLLM expanded prompt {batch.non_tensors['uid'][row]!r} to {len(output.prompt_token_ids)} "
-                    f"tokens, the training side has {len(expected)}: its image preprocessing differs from the "
+                    f"tokens, the training side has {len(expected)}: its image / video preprocessing differs from the "
                     f"dataset's (check dataset.min_pixels / max_pixels and the processor)")
