@@ -5,9 +5,10 @@ One engine per worker process, built once at start-up from the policy's folder. 
 1. `load_weights` wakes the engine (GPU sleep mode) and streams the actor's current weights through
    vLLM's own loader (`reload_weights`: HF names mapped onto vLLM's fused layers, tensor by tensor),
    then drops the prefix, encoder and multimodal caches, so no stale vision embedding survives a sync;
-2. `generate` turns the collated prompts into vLLM token prompts (+ the row's images, processed by the
-   same Hugging Face processor with the same kwargs as the training side) and returns the layout of
-   `RolloutEngine.generate`, sampled-token log-probs included;
+2. `generate` turns the collated prompts into vLLM token prompts (+ the row's images and videos, processed
+   by the same Hugging Face processor with the same kwargs as the training side: video frames as MTRL
+   sampled them, never resampled) and returns the layout of `RolloutEngine.generate`, sampled-token
+   log-probs included;
 3. `release` puts the engine to sleep (GPU: level 2 frees weights and KV cache, level 1 with LoRA
    keeps the weights) until the next sync; on CPU it does nothing.
 
@@ -16,6 +17,12 @@ The worker processes already form a torch.distributed group for FSDP2; vLLM join
 make one tensor-parallel engine, and each such group generates its own share of the prompts (vLLM's
 "external data parallelism", as verl uses it). The ranks of one group must generate the same
 requests, so they first exchange their rows and each keeps its own outputs.
+
+Known difference from the training side: after a video that spans more temporal RoPE positions than
+merged patches across (a long clip of small frames; Qwen2.5-VL spaces frames by tokens_per_second *
+second_per_grid_ts), vLLM 0.32 starts the following text at the video's largest position + 1 and
+transformers 5 at its start + its spatial extent, so those rows' rollout log-probs differ from the
+actor's (logged as rollout/logprob_abs_diff_*, corrected by optimization.rollout_correction).
 """
 
 import dataclasses
