@@ -299,11 +299,13 @@ def test_vllm_processes_images_and_videos_into_the_training_pixels(video_model):
         for modality, items in processed["mm_kwargs"].items():
             assert len(items) == 1
             for key, field in items[0].items():
-                value = field.data
+                value, expected = field.data, want[key]
                 if key.startswith("pixel_values"):
                     value = engine.llm.apply_model(lambda model, v=value: model.visual.input_norm(v, torch.float32))[0]
-                assert value.shape == want[key].reshape(value.shape).shape and value.numel() == want[key].numel()
-                assert torch.allclose(value.float(), want[key].reshape(value.shape).float(), atol=1e-6, rtol=0), key
+                    assert value.shape == expected.shape, key
+                else:  # one item's grid (3,) / seconds (): the row's (1, 3) / (1,) for its one image or video
+                    expected = expected.reshape(value.shape)
+                assert torch.allclose(value.float(), expected.float(), atol=1e-6, rtol=0), key
                 seen.add(key)
     expected = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
     assert seen == expected | ({"second_per_grid_ts"} if tiny.info["arch"] == "qwen2_5_vl" else set())
