@@ -311,6 +311,19 @@ def test_vllm_processes_images_and_videos_into_the_training_pixels(video_model):
     assert seen == expected | ({"second_per_grid_ts"} if tiny.info["arch"] == "qwen2_5_vl" else set())
 
 
+def test_qwen3_vl_images_work_and_its_videos_are_refused_clearly(tmp_path_factory):
+    path, tiny = _tiny(tmp_path_factory, "qwen3_vl")
+    data = _video_data(tiny)
+    engine = _engine(path, tiny, limits=data.media_per_row())
+    engine.load_weights(tiny.model.state_dict().items())
+    images = data.collate([data[2]])
+    got = engine.generate(images.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
+    expected = _forward_log_probs(tiny.model, got, suppressed=list(engine.suppressed))
+    assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="'0' has a video: .* qwen3_vl videos .* worker.rollout.name=hf"):
+        engine.generate(data.collate([data[0]]).select(), SamplingParams(n=1, temperature=0.0, max_new_tokens=4))
+
+
 def test_lora_actor_syncs_its_merged_weights(text_model):
     from mtrl.config.worker import ModelConfig
     from mtrl.models import lora

@@ -34,6 +34,7 @@ import torch
 
 from mtrl.config.worker import RolloutConfig
 from mtrl.protocol import DataBatch
+from mtrl.utils.rope import MROPE_MODEL_TYPES
 from mtrl.utils.vision import Video, video_processor_kwargs
 from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids, response_seeds
 
@@ -160,6 +161,7 @@ class VLLMRolloutEngine(RolloutEngine):
         images = prompts.non_tensors.get("images")
         processor_kwargs = prompts.non_tensors.get("mm_processor_kwargs")
         videos = prompts.non_tensors.get("videos")
+        per_frame_videos = MROPE_MODEL_TYPES.get(getattr(self.model_config, "model_type", None)) == "per_frame"
         requests = []
         for i in range(len(prompts)):
             request: Dict[str, Any] = {"prompt_token_ids": prompt_token_ids(
@@ -168,6 +170,12 @@ class VLLMRolloutEngine(RolloutEngine):
             if images is not None and len(images[i]):
                 media["image"] = list(images[i])
             if videos is not None and len(videos[i]):
+                if per_frame_videos:
+                    raise NotImplementedError(
+                        f"prompt {prompts.non_tensors['uid'][i]!r} has a video: the vllm engine does not take "
+                        f"{self.model_config.model_type} videos in this version of MTRL (their prompts carry "
+                        f"per-frame timestamps, which its token prompts do not collapse); use "
+                        f"worker.rollout.name=hf for video data with this model")
                 media["video"] = [video_item(v) for v in videos[i]]
             if media:
                 request["multi_modal_data"] = media
