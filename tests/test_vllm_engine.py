@@ -37,12 +37,23 @@ def vl_model(tmp_path_factory):
     return _tiny(tmp_path_factory, "qwen2_vl")
 
 
+@pytest.fixture(scope="module")
+def vl25_model(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwen2_5_vl")
+
+
+@pytest.fixture(params=["qwen2_vl", "qwen2_5_vl"])
+def video_model(request):
+    """Qwen2-VL (no video metadata) and Qwen2.5-VL (metadata required: second_per_grid_ts from its fps)."""
+    return request.getfixturevalue({"qwen2_vl": "vl_model", "qwen2_5_vl": "vl25_model"}[request.param])
+
+
 def _eos(tiny):
     return [tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def _engine(path, tiny, lora_rank=None, **rollout):
-    config = RolloutConfig(max_model_len=512, limit_mm_per_prompt={"image": 1, "video": 0}, **rollout)
+def _engine(path, tiny, limits=None, lora_rank=None, **rollout):
+    config = RolloutConfig(max_model_len=512, limit_mm_per_prompt=limits or {"image": 1, "video": 0}, **rollout)
     return VLLMRolloutEngine(path, tiny.model.config, config, torch.float32, _eos(tiny),
                              tiny.tokenizer.pad_token_id, seed=0, lora_rank=lora_rank)
 
@@ -70,8 +81,42 @@ def _image_prompts(tiny):
     return data.collate([data[0], data[1]])
 
 
-def _forward_log_probs(model, batch, temperature=1.0, suppressed=()):
-    """log_softmax(logits / T) of each response token by a plain transformers forward, row by row."""
+def _video_data(tiny, frames=4):
+    """A video row (`frames` frames, taken as sampled at video_fps), a video + image row (a 6 fps clip of 12
+    frames, sampled to 4 by MTRL) and an image row: what vLLM gets must not be resampled or resized differently.
+    With 4 frames each video is as wide (in merged patches) as it is long (in temporal positions)."""
+    rng = np.random.default_rng(1)
+
+    def noise(h, w):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    rows = [{"prompt": "<video>What happens?", "answer": "x", "videos": [[noise(60, 90) for _ in range(frames)]]},
+            {"prompt": "<image><video>Both.", "answer": "y", "images": [noise(70, 50)],
+             "videos": [{"frames": [noise(90, 60) for _ in range(12)], "fps": 6}]},
+            {"prompt": "<image>How many shapes?", "answer": "2", "images": [noise(56, 112)]}]
+    return RLDataset.from_rows(rows, tiny.tokenizer, tiny.processor, tiny.model.config, min_pixels=3136,
+                               max_pixels=12544, video_fps=2.0)
+
+
+def _vllm_positions(position_ids, input_ids, video_token_id):
+    """vLLM's multimodal RoPE positions for one sequence, from transformers' (3, L): after a video, vLLM starts
+    the text at the video's largest position + 1 (temporal extent included, as Qwen's original code);
+    transformers 5 at its start + its spatial extent. The two agree unless a video lasts longer (in temporal
+    positions) than it is wide."""
+    positions = position_ids.clone()
+    is_video = (input_ids == video_token_id).tolist()
+    for i in range(1, len(is_video)):
+        if is_video[i - 1] and not is_video[i]:  # the first token after a video
+            start = i - 1
+            while start > 0 and is_video[start - 1]:
+                start -= 1
+            positions[:, i:] += max(0, int(positions[:, start:i].max()) + 1 - int(positions[0, i]))
+    return positions
+
+
+def _forward_log_probs(model, batch, temperature=1.0, suppressed=(), vllm_positions=False):
+    """log_softmax(logits / T) of each response token by a plain transformers forward, row by row (with
+    `vllm_positions`: at vLLM's multimodal RoPE positions instead of transformers' own)."""
     out = torch.zeros(batch["responses"].shape)
     mm = batch.non_tensors.get("multi_modal_inputs")
     for i in range(len(batch)):
@@ -83,6 +128,11 @@ def _forward_log_probs(model, batch, temperature=1.0, suppressed=()):
             from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
             kwargs = batch_multimodal_inputs([mm[i]], torch.device("cpu"))
             kwargs["mm_token_type_ids"] = mm_token_type_ids(ids, model.config)
+            if vllm_positions:
+                from mtrl.utils.rope import compute_position_ids
+                grids = {k: mm[i].get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+                positions = compute_position_ids(model.config, ids[0], **grids)
+                kwargs["position_ids"] = _vllm_positions(positions, ids[0], model.config.video_token_id)[:, None]
         with torch.no_grad():
             logits = model(input_ids=ids, **kwargs).logits[0, len(prompt) - 1:-1].float() / temperature
         logits[:, list(suppressed)] = float("-inf")
@@ -177,6 +227,101 @@ def test_image_prompts_equal_the_hf_engine_and_use_synced_vision_weights(vl_mode
     expected = _forward_log_probs(changed_model, changed, suppressed=suppressed)
     assert torch.allclose(changed["rollout_log_probs"], expected, atol=1e-5)
     assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
+
+
+def test_video_prompts_equal_the_hf_engine_and_a_forward(video_model):
+    path, tiny = video_model
+    data = _video_data(tiny)
+    prompts = data.collate([data[0], data[1]])
+    assert data.media_per_row() == {"image": 1, "video": 1}
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    engine = _engine(path, tiny, limits=data.media_per_row())
+    engine.load_weights(tiny.model.state_dict().items())
+    got = engine.generate(prompts.select(), greedy)  # raises if vLLM's video tokens differ from the dataset's
+    hf = _hf_engine(tiny)
+    hf.load_weights(tiny.model.state_dict().items())
+    assert torch.equal(got["responses"], hf.generate(prompts.select(), greedy)["responses"])
+    suppressed = list(engine.suppressed)
+    expected = _forward_log_probs(tiny.model, got, suppressed=suppressed)
+    assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
+    sampled = engine.generate(prompts.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
+    diff = (sampled["rollout_log_probs"] - _forward_log_probs(tiny.model, sampled, suppressed=suppressed)).abs().max()
+    assert diff < 1e-5, diff.item()
+    # New vision weights: the answers to the videos follow them (no stale encoder cache).
+    state = {k: (v * 3 if "visual" in k and v.dim() > 1 else v) for k, v in tiny.model.state_dict().items()}
+    engine.load_weights(state.items())
+    changed = engine.generate(prompts.select(), greedy)
+    changed_model = make_tiny_model(tiny.info["arch"], seed=0, **SIZES).model
+    changed_model.load_state_dict(state)
+    expected = _forward_log_probs(changed_model, changed, suppressed=suppressed)
+    assert torch.allclose(changed["rollout_log_probs"], expected, atol=1e-5)
+    assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
+
+
+def test_long_video_differs_from_transformers_only_in_the_positions_after_it(video_model):
+    """A video longer than wide (8 frames of 2 x 3 merged patches): vLLM 0.32 and transformers 5 place the text
+    after it at different RoPE positions (`_vllm_positions`), so the rollout's log-probs differ from the actor's
+    (what `rollout/logprob_abs_diff_*` measure and `optimization.rollout_correction` corrects); at vLLM's
+    positions a transformers forward gives vLLM's log-probs, so the pixels and everything else agree."""
+    path, tiny = video_model
+    data = _video_data(tiny, frames=8)
+    prompts = data.collate([data[0]])
+    engine = _engine(path, tiny, limits=data.media_per_row())
+    engine.load_weights(tiny.model.state_dict().items())
+    out = engine.generate(prompts.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
+    suppressed = list(engine.suppressed)
+    at_vllm_positions = _forward_log_probs(tiny.model, out, suppressed=suppressed, vllm_positions=True)
+    assert torch.allclose(out["rollout_log_probs"], at_vllm_positions, atol=1e-5)
+    assert not torch.allclose(out["rollout_log_probs"], _forward_log_probs(tiny.model, out, suppressed=suppressed),
+                              atol=1e-4)
+
+
+def test_vllm_processes_images_and_videos_into_the_training_pixels(video_model):
+    """vLLM's own renderer (the path `LLM.generate` takes) on the engine's requests: the expanded prompt is the
+    training side's, and the pixels its vision tower sees (vLLM's processor output, normalised by the tower's own
+    input norm on the device) are the training batch's `pixel_values` / `pixel_values_videos`; the grids and
+    Qwen2.5-VL's `second_per_grid_ts` equal too."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    path, tiny = video_model
+    data = _video_data(tiny)
+    batch = data.collate([data[i] for i in range(len(data))])
+    engine = _engine(path, tiny, limits=data.media_per_row())
+    llm_engine = engine.llm.llm_engine
+    renderer = llm_engine.renderer
+    seen = set()
+    for row, request in enumerate(engine._requests(batch)):
+        (processed,) = renderer.render_cmpl([parse_model_prompt(llm_engine.model_config, request)],
+                                            renderer.default_cmpl_tok_params)
+        mask = batch["attention_mask"][row].bool()
+        assert processed["prompt_token_ids"] == batch["input_ids"][row][mask].tolist()
+        want = batch.non_tensors["multi_modal_inputs"][row]
+        for modality, items in processed["mm_kwargs"].items():
+            assert len(items) == 1
+            for key, field in items[0].items():
+                value, expected = field.data, want[key]
+                if key.startswith("pixel_values"):
+                    value = engine.llm.apply_model(lambda model, v=value: model.visual.input_norm(v, torch.float32))[0]
+                    assert value.shape == expected.shape, key
+                else:  # one item's grid (3,) / seconds (): the row's (1, 3) / (1,) for its one image or video
+                    expected = expected.reshape(value.shape)
+                assert torch.allclose(value.float(), expected.float(), atol=1e-6, rtol=0), key
+                seen.add(key)
+    expected = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
+    assert seen == expected | ({"second_per_grid_ts"} if tiny.info["arch"] == "qwen2_5_vl" else set())
+
+
+def test_qwen3_vl_images_work_and_its_videos_are_refused_clearly(tmp_path_factory):
+    path, tiny = _tiny(tmp_path_factory, "qwen3_vl")
+    data = _video_data(tiny)
+    engine = _engine(path, tiny, limits=data.media_per_row())
+    engine.load_weights(tiny.model.state_dict().items())
+    images = data.collate([data[2]])
+    got = engine.generate(images.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
+    expected = _forward_log_probs(tiny.model, got, suppressed=list(engine.suppressed))
+    assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="'0' has a video: .* qwen3_vl videos .* worker.rollout.name=hf"):
+        engine.generate(data.collate([data[0]]).select(), SamplingParams(n=1, temperature=0.0, max_new_tokens=4))
 
 
 def _lora_actor(arch, seed=0):

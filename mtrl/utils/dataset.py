@@ -77,7 +77,7 @@ from mtrl.utils.hub import parse_dataset_id
 from mtrl.utils.logger import get_logger
 from mtrl.utils.rope import compute_position_ids, uses_mrope
 from mtrl.utils.vision import (VisionInputError, image_size, image_token_count, load_image, load_video,
-                               processor_size_kwargs, serving_kwargs)
+                               processor_size_kwargs, serving_kwargs, video_processor_kwargs)
 
 __all__ = ["DatasetError", "RowSource", "RLDataset", "build_dataset", "collate_fn", "EpochSampler",
            "StatefulDataLoader", "build_dataloader", "expand_data_files", "DATA_EXTENSIONS", "MM_INPUT_KEYS",
@@ -622,7 +622,7 @@ class RLDataset(torch.utils.data.Dataset):
                 kwargs["images_kwargs"] = dict(size)
             if videos:  # frames already sampled at video_fps; the processor resizes them
                 kwargs["videos"] = [v.frames for v in videos]
-                kwargs["videos_kwargs"] = {**size, "do_sample_frames": False, "cap_pixels_per_frame": False,
+                kwargs["videos_kwargs"] = {**video_processor_kwargs(self.min_pixels, self.max_pixels),
                                            "video_metadata": [v.metadata() for v in videos]}
             encoded = self.processor(text=[text], return_tensors="pt", **kwargs)
         input_ids = encoded["input_ids"][0]

@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 
 __all__ = ["VisionInputError", "Video", "resolve_path", "open_image", "image_size",
-           "load_image", "processor_size_kwargs", "serving_kwargs", "image_token_count", "load_video",
-           "sample_frame_indices", "IMAGE_EXTENSIONS"]
+           "load_image", "processor_size_kwargs", "video_processor_kwargs", "serving_kwargs", "image_token_count",
+           "load_video", "sample_frame_indices", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -128,6 +128,12 @@ def load_image(spec: Any, search_dirs: Sequence[Optional[str]] = ()) -> Image.Im
 def processor_size_kwargs(min_pixels: int, max_pixels: int) -> Dict[str, Any]:
     """The image / video processor kwargs that bound a resized image's pixel count (transformers 5's form)."""
     return {"size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}}
+
+
+def video_processor_kwargs(min_pixels: int, max_pixels: int) -> Dict[str, Any]:
+    """The `videos_kwargs` every engine calls the video processor with on a `Video`'s frames: resized into the
+    bounds, never resampled (the frames are already sampled at `fps`) and not capped per frame beyond them."""
+    return {**processor_size_kwargs(min_pixels, max_pixels), "do_sample_frames": False, "cap_pixels_per_frame": False}
 
 
 def serving_kwargs(min_pixels: int, max_pixels: int) -> Dict[str, int]:

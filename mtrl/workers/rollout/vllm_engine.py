@@ -8,9 +8,10 @@ One engine per worker process, built once at start-up from the policy's folder. 
    With `worker.rollout.lora_sync=adapter` the engine runs vLLM's LoRA instead: the base weights come
    once, and each step `load_adapter` hands vLLM only the adapter's factors as a new LoRA (vLLM loads
    adapters from a folder only: a peft-format one written per sync), which every request then carries;
-2. `generate` turns the collated prompts into vLLM token prompts (+ the row's images, processed by the
-   same Hugging Face processor with the same kwargs as the training side) and returns the layout of
-   `RolloutEngine.generate`, sampled-token log-probs included;
+2. `generate` turns the collated prompts into vLLM token prompts (+ the row's images and videos, processed
+   by the same Hugging Face processor with the same kwargs as the training side: video frames as MTRL
+   sampled them, never resampled) and returns the layout of `RolloutEngine.generate`, sampled-token
+   log-probs included;
 3. `release` puts the engine to sleep (GPU: level 2 frees weights and KV cache, level 1 with LoRA
    keeps the weights) until the next sync; on CPU it does nothing.
 
@@ -19,19 +20,28 @@ The worker processes already form a torch.distributed group for FSDP2; vLLM join
 make one tensor-parallel engine, and each such group generates its own share of the prompts (vLLM's
 "external data parallelism", as verl uses it). The ranks of one group must generate the same
 requests, so they first exchange their rows and each keeps its own outputs.
+
+Known difference from the training side: after a video that spans more temporal RoPE positions than
+merged patches across (a long clip of small frames; Qwen2.5-VL spaces frames by tokens_per_second *
+second_per_grid_ts), vLLM 0.32 starts the following text at the video's largest position + 1 and
+transformers 5 at its start + its spatial extent, so those rows' rollout log-probs differ from the
+actor's (logged as rollout/logprob_abs_diff_*, corrected by optimization.rollout_correction).
 """
 
+import dataclasses
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mtrl.config.worker import RolloutConfig
 from mtrl.protocol import DataBatch
+from mtrl.utils.rope import MROPE_MODEL_TYPES
+from mtrl.utils.vision import Video, video_processor_kwargs
 from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids, response_seeds
 
 # The vLLM releases this engine is written and tested against (reload_weights, logprobs_mode,
@@ -69,6 +79,20 @@ def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, mode
     ids = input_ids[attention_mask.bool()].tolist()
     vision = {getattr(model_config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
     return [t for i, t in enumerate(ids) if not (t in vision and i > 0 and ids[i - 1] == t)]
+
+
+def video_item(video: Video) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """A row's video as vLLM takes it: the frames the training side's processor got, with their metadata
+    (Qwen2.5-VL's `second_per_grid_ts`, Qwen3-VL's timestamps), marked as already sampled."""
+    return video.frames, {**dataclasses.asdict(video.metadata()), "do_sample_frames": False}
+
+
+def mm_processor_kwargs(bounds: Dict[str, int], with_videos: bool) -> Dict[str, Any]:
+    """A row's `mm_processor_kwargs` (its pixel bounds) plus, for videos, the `videos_kwargs` the training
+    side's video processor ran with (`video_processor_kwargs`): vLLM routes them to the HF processor unchanged."""
+    if not with_videos:
+        return dict(bounds)
+    return {**bounds, "videos_kwargs": video_processor_kwargs(bounds["min_pixels"], bounds["max_pixels"])}
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -184,18 +208,26 @@ class VLLMRolloutEngine(RolloutEngine):
         images = prompts.non_tensors.get("images")
         processor_kwargs = prompts.non_tensors.get("mm_processor_kwargs")
         videos = prompts.non_tensors.get("videos")
+        per_frame_videos = MROPE_MODEL_TYPES.get(getattr(self.model_config, "model_type", None)) == "per_frame"
         requests = []
         for i in range(len(prompts)):
-            if videos is not None and len(videos[i]):
-                raise NotImplementedError(
-                    f"prompt {prompts.non_tensors['uid'][i]!r} has a video: the vllm engine takes images only in "
-                    f"this version of MTRL; use worker.rollout.name=hf for video data")
             request: Dict[str, Any] = {"prompt_token_ids": prompt_token_ids(
                 prompts.tensors["input_ids"][i], prompts.tensors["attention_mask"][i], self.model_config)}
+            media = {}
             if images is not None and len(images[i]):
-                request["multi_modal_data"] = {"image": list(images[i])}
+                media["image"] = list(images[i])
+            if videos is not None and len(videos[i]):
+                if per_frame_videos:
+                    raise NotImplementedError(
+                        f"prompt {prompts.non_tensors['uid'][i]!r} has a video: the vllm engine does not take "
+                        f"{self.model_config.model_type} videos in this version of MTRL (their prompts carry "
+                        f"per-frame timestamps, which its token prompts do not collapse); use "
+                        f"worker.rollout.name=hf for video data with this model")
+                media["video"] = [video_item(v) for v in videos[i]]
+            if media:
+                request["multi_modal_data"] = media
                 if processor_kwargs is not None and processor_kwargs[i]:
-                    request["mm_processor_kwargs"] = dict(processor_kwargs[i])
+                    request["mm_processor_kwargs"] = mm_processor_kwargs(processor_kwargs[i], "video" in media)
             requests.append(request)
         return requests
 
@@ -241,12 +273,12 @@ class VLLMRolloutEngine(RolloutEngine):
         return batch
 
     def _check_prompts(self, outputs, batch: DataBatch) -> None:
-        """vLLM's expanded prompt must be the training side's: else the images were processed differently."""
+        """vLLM's expanded prompt must be the training side's: else the images / videos were processed differently."""
         for row, output in enumerate(outputs):
             mask = batch.tensors["attention_mask"][row].bool()
             expected = batch.tensors["input_ids"][row][mask].tolist()
             if list(output.prompt_token_ids) != expected:
                 raise RuntimeError(
                     f"vLLM expanded prompt {batch.non_tensors['uid'][row]!r} to {len(output.prompt_token_ids)} "
-                    f"tokens, the training side has {len(expected)}: its image preprocessing differs from the "
+                    f"tokens, the training side has {len(expected)}: its image / video preprocessing differs from the "
                     f"dataset's (check dataset.min_pixels / max_pixels and the processor)")
