@@ -16,6 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLog
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.protocol import DataBatch
 from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids, response_seeds
+from mtrl.workers.rollout.decoding import decode
 
 
 class SeededSampling(LogitsProcessor):
@@ -162,11 +163,15 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompts: DataBatch, params: SamplingParams) -> DataBatch:
         if self.model is None or self._kept_buffers is not None:
             raise RuntimeError("HFRolloutEngine.generate called before load_weights")
-        batch = prompts.repeat(params.n) if params.n > 1 else prompts
         seeds = response_seeds(params.seed, prompts.non_tensors["uid"], params.n)
+        # Micro-batches of `micro_batch_size` response rows; each prefills the prompts its rows answer once.
+        owners = torch.arange(len(prompts)).repeat_interleave(params.n)
         size = self.micro_batch_size
-        pieces = [self._generate_micro_batch(mb, params, seeds[i:i + size])
-                  for i, mb in zip(range(0, len(batch), size), batch.split(size))]
+        pieces = []
+        for start in range(0, len(owners), size):
+            prompt_rows, copies = torch.unique_consecutive(owners[start:start + size], return_counts=True)
+            pieces.append(self._generate_micro_batch(prompts.index(prompt_rows), copies, params,
+                                                     seeds[start:start + size]))
         # Always max_new_tokens wide: ranks whose responses all stop early must still return the same width
         # as the others (their results are concatenated), as verl pads to response_length.
         width = max(max(ids.shape[1] for ids, _ in pieces), params.max_new_tokens)
@@ -174,15 +179,16 @@ class HFRolloutEngine(RolloutEngine):
                                for ids, _ in pieces])
         log_probs = torch.cat([nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in pieces])
         response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)
+        batch = prompts.repeat(params.n) if params.n > 1 else prompts
         batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask,
                              rollout_log_probs=log_probs * response_mask)
         return batch
 
-    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams,
+    def _generate_micro_batch(self, mb: DataBatch, copies: torch.Tensor, params: SamplingParams,
                               seeds: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(response ids, their log-probs), both (rows, G) with G the generated length."""
+        """(response ids, their log-probs), both (sum(copies), G) with G the generated length: `copies[i]`
+        responses to prompt row i of `mb`."""
         input_ids = mb.tensors["input_ids"].to(self.device)
-        attention_mask = mb.tensors["attention_mask"].to(self.device)
         vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
         if vision:
             vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
@@ -192,10 +198,8 @@ class HFRolloutEngine(RolloutEngine):
                     if self.suppress_tokens else [])
         sampling = [] if params.greedy else [SeededSampling(seeds, params, self.device)]
         recorder = SampledTokenLogProbs(sampling[0].shape if sampling else (lambda scores: scores))
-        processors = LogitsProcessorList([*suppress, recorder, *sampling])
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
-            do_sample=False, logits_processor=processors, top_k=None, top_p=None, temperature=None, **vision)
-        generated = output[:, input_ids.shape[1]:]
+        generated = decode(self.model, input_ids, mb.tensors["attention_mask"].to(self.device),
+                           mb.tensors["position_ids"].to(self.device), vision, copies,
+                           LogitsProcessorList([*suppress, recorder, *sampling]), self.eos_token_ids,
+                           self.pad_token_id, params.max_new_tokens)
         return generated.cpu(), recorder.finish(generated).cpu()
