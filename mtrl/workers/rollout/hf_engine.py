@@ -28,15 +28,30 @@ class SeededSampling(LogitsProcessor):
     other rows of the micro-batch, which makes sampling independent of how rows are split.
     """
 
+    # Uniforms drawn per generator call, at most (CPU): a CPU generator's stream is the same drawn in one
+    # piece or step by step, so a row draws several steps at once instead of paying a call per row and step.
+    # A CUDA generator's numbers depend on how they are drawn: there each call draws one step.
+    DRAW_ELEMENTS = 1 << 16
+
     def __init__(self, seeds: List[int], params: SamplingParams, device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.params = params
+        self._drawn: Optional[torch.Tensor] = None  # (steps, rows, V) uniforms not used yet
+        self._used = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = self.shape(scores)
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
-                               for g in self.generators])
-        return scores - torch.log(-torch.log(uniform))
+        return scores - torch.log(-torch.log(self._uniform(scores.shape[-1], scores.device)))
+
+    def _uniform(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """(rows, vocab): each row's next `vocab` uniforms from its own generator."""
+        if self._drawn is None or self._used == len(self._drawn):
+            steps = 1 if device.type != "cpu" else max(1, min(self.params.max_new_tokens, self.DRAW_ELEMENTS // vocab))
+            self._drawn = torch.stack([torch.rand(steps, vocab, generator=g, device=device)
+                                       for g in self.generators], dim=1)
+            self._used = 0
+        self._used += 1
+        return self._drawn[self._used - 1]
 
     def shape(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores of the distribution sampled from: temperature, then top-k, then top-p."""
