@@ -123,3 +123,16 @@ def test_rows_that_stop_early_leave_the_batch(case, monkeypatch):
         assert drops[:layers] == [len(out)] * layers
         if share == 0.0:
             assert len(drops) > layers and all(d < len(out) for d in drops[layers:])
+
+
+def test_seeded_uniforms_are_each_rows_stream_step_by_step():
+    """Drawn many steps per call (CPU), a row's uniforms are still its generator's stream one step at a time: what
+    `SeededSampling` drew before, so the same seeds give the same tokens."""
+    seeds, vocab, steps = [3, 11, 12], 50, 7
+    sampler = SeededSampling(seeds, SamplingParams(max_new_tokens=steps), torch.device("cpu"))
+    sampler.DRAW_ELEMENTS = 3 * vocab  # refills after three steps: blocks of 3, 3, then 1 of the next block
+    drawn = torch.stack([sampler._uniform(vocab, torch.device("cpu")) for _ in range(steps)])
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    one_by_one = torch.stack([torch.stack([torch.rand(vocab, generator=g) for g in generators])
+                              for _ in range(steps)])
+    assert torch.equal(drawn, one_by_one)

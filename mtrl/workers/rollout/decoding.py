@@ -83,7 +83,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     sequences, mask = input_ids[rows], attention_mask[rows]
     next_position = position_ids.flatten(1).amax(-1)[rows] + 1  # the first generated token's position
     multimodal_rope = position_ids.dim() == 3
-    eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     active = torch.arange(len(rows), device=device)  # the rows of the forward's batch, by row number
     for step in range(max_new_tokens):

@@ -1,4 +1,5 @@
-"""The `hf` rollout engine: transformers `generate` on an unsharded inference copy of the policy.
+"""The `hf` rollout engine: the transformers model's forward, in `decoding.decode`'s loop, on an unsharded
+inference copy of the policy (the tokens `generate` would pick, with less work: decoding.py).
 
 Generating on the FSDP2-sharded training model would all-gather every layer for every new token
 (and need `synced_gpus=True` so that ranks stay in lock-step). Instead the worker gathers the full
@@ -28,9 +29,9 @@ class SeededSampling(LogitsProcessor):
     other rows of the micro-batch, which makes sampling independent of how rows are split.
     """
 
-    # Uniforms drawn per generator call, at most (CPU): a CPU generator's stream is the same drawn in one
-    # piece or step by step, so a row draws several steps at once instead of paying a call per row and step.
-    # A CUDA generator's numbers depend on how they are drawn: there each call draws one step.
+    # On CPU a row draws up to this many uniforms (whole steps) per call, instead of one call per row and step:
+    # a CPU generator's stream is the same drawn in one piece or step by step. A CUDA generator's numbers
+    # depend on how they are drawn, so there each call draws one step.
     DRAW_ELEMENTS = 1 << 16
 
     def __init__(self, seeds: List[int], params: SamplingParams, device: torch.device):
