@@ -40,7 +40,7 @@ def case(request):
 
 
 def engine_for(tiny, eos, micro_batch_size=64):
-    engine = HFRolloutEngine(lambda: make_tiny_model(tiny.info["arch"], seed=5).model, tiny.model.config, eos,
+    engine = HFRolloutEngine(lambda: type(tiny.model)(tiny.model.config), tiny.model.config, eos,
                              tiny.tokenizer.pad_token_id, torch.device("cpu"), micro_batch_size=micro_batch_size)
     engine.load_weights(tiny.model.state_dict().items())
     return engine
