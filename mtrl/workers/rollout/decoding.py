@@ -16,11 +16,11 @@ model computes itself); a generated token takes the row's largest prompt positio
 three rows for multimodal RoPE, which is what transformers' `rope_deltas` add up to.
 """
 
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from mtrl.models.packing import model_position_ids
@@ -64,12 +64,15 @@ def in_place_cache(model: nn.Module, capacity: int) -> DynamicCache:
 
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-           vision: Dict[str, torch.Tensor], copies: torch.Tensor, processors: LogitsProcessorList,
+           vision: Dict[str, torch.Tensor], copies: torch.Tensor,
+           processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
            eos_token_ids: Sequence[int], pad_token_id: int, max_new_tokens: int) -> torch.Tensor:
     """(sum(copies), G) generated ids, G <= `max_new_tokens`: `copies[i]` responses to prompt row i, in order.
 
     `input_ids`, `attention_mask` (P, L) left-padded prompts, `position_ids` (P, L) or (P, 3, L) as the collate
     layout has them, `vision` the model's vision inputs of those P prompts (with `mm_token_type_ids`).
+    `processors` (logits processors, called in order as `LogitsProcessorList` does, without its per-call
+    signature inspection) turn a step's (rows, V) float32 logits into the scores whose argmax is the token.
     Stops when every row has emitted one of `eos_token_ids`, after which a row holds `pad_token_id`.
     """
     device = input_ids.device
@@ -87,7 +90,10 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     active = torch.arange(len(rows), device=device)  # the rows of the forward's batch, by row number
     for step in range(max_new_tokens):
-        tokens = processors(sequences, scores).argmax(-1).masked_fill(finished, pad_token_id)
+        step_scores = scores
+        for processor in processors:
+            step_scores = processor(sequences, step_scores)
+        tokens = step_scores.argmax(-1).masked_fill(finished, pad_token_id)
         sequences = torch.cat([sequences, tokens[:, None]], dim=1)
         finished |= torch.isin(tokens, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):

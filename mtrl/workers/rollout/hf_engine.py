@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers import LogitsProcessor, SuppressTokensLogitsProcessor
 
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.protocol import DataBatch
@@ -216,6 +216,6 @@ class HFRolloutEngine(RolloutEngine):
         recorder = SampledTokenLogProbs(sampling[0].shape if sampling else (lambda scores: scores))
         generated = decode(self.model, input_ids, mb.tensors["attention_mask"].to(self.device),
                            mb.tensors["position_ids"].to(self.device), vision, copies,
-                           LogitsProcessorList([*suppress, recorder, *sampling]), self.eos_token_ids,
+                           [*suppress, recorder, *sampling], self.eos_token_ids,
                            self.pad_token_id, params.max_new_tokens)
         return generated.cpu(), recorder.finish(generated).cpu()
