@@ -128,12 +128,13 @@ def test_micro_batch_size_counts_responses_as_documented(tiny, prompts):
     above = source[:source.index("micro_batch_size_per_device:")].rstrip().split("\n")
     comment = " ".join(line.strip() for line in above[-2:] if line.strip().startswith("#"))
     assert "x n" in comment and "rows" in comment, comment
-    sizes = []
+    sizes, prefilled = [], []
 
     class Recording(HFRolloutEngine):
-        def _generate_micro_batch(self, mb, params, seeds):
-            sizes.append(len(mb))
-            return super()._generate_micro_batch(mb, params, seeds)
+        def _generate_micro_batch(self, mb, copies, params, seeds):
+            sizes.append(int(copies.sum()))
+            prefilled.append(list(mb["uid"]))
+            return super()._generate_micro_batch(mb, copies, params, seeds)
 
     engine = Recording(lambda: make_tiny_model("qwen2_vl", seed=123).model, tiny.model.config,
                        [tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")], tiny.tokenizer.pad_token_id,
@@ -141,6 +142,9 @@ def test_micro_batch_size_counts_responses_as_documented(tiny, prompts):
     engine.load_weights(tiny.model.state_dict().items())
     engine.generate(prompts.select(), SamplingParams(n=3, temperature=1.0, max_new_tokens=2, seed=1))
     assert sizes == [4, 2]  # 2 prompts x 3 responses = 6 rows in calls of at most 4
+    # each call prefills the prompts its rows answer once: rows a a a b, then b b
+    uid = list(prompts["uid"])
+    assert prefilled == [uid, uid[1:]]
 
 
 def test_media_per_row_is_the_most_any_row_has(tiny):

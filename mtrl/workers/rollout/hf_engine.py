@@ -1,4 +1,5 @@
-"""The `hf` rollout engine: transformers `generate` on an unsharded inference copy of the policy.
+"""The `hf` rollout engine: the transformers model's forward, in `decoding.decode`'s loop, on an unsharded
+inference copy of the policy (the tokens `generate` would pick, with less work: decoding.py).
 
 Generating on the FSDP2-sharded training model would all-gather every layer for every new token
 (and need `synced_gpus=True` so that ranks stay in lock-step). Instead the worker gathers the full
@@ -11,11 +12,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers import LogitsProcessor, SuppressTokensLogitsProcessor
 
 from mtrl.models.multimodal import batch_multimodal_inputs, mm_token_type_ids
 from mtrl.protocol import DataBatch
 from mtrl.workers.rollout.base import RolloutEngine, SamplingParams, response_mask_from_ids, response_seeds
+from mtrl.workers.rollout.decoding import decode
 
 
 class SeededSampling(LogitsProcessor):
@@ -27,15 +29,30 @@ class SeededSampling(LogitsProcessor):
     other rows of the micro-batch, which makes sampling independent of how rows are split.
     """
 
+    # On CPU a row draws up to this many uniforms (whole steps) per call, instead of one call per row and step:
+    # a CPU generator's stream is the same drawn in one piece or step by step. A CUDA generator's numbers
+    # depend on how they are drawn, so there each call draws one step.
+    DRAW_ELEMENTS = 1 << 16
+
     def __init__(self, seeds: List[int], params: SamplingParams, device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.params = params
+        self._drawn: Optional[torch.Tensor] = None  # (steps, rows, V) uniforms not used yet
+        self._used = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = self.shape(scores)
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
-                               for g in self.generators])
-        return scores - torch.log(-torch.log(uniform))
+        return scores - torch.log(-torch.log(self._uniform(scores.shape[-1], scores.device)))
+
+    def _uniform(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """(rows, vocab): each row's next `vocab` uniforms from its own generator."""
+        if self._drawn is None or self._used == len(self._drawn):
+            steps = 1 if device.type != "cpu" else max(1, min(self.params.max_new_tokens, self.DRAW_ELEMENTS // vocab))
+            self._drawn = torch.stack([torch.rand(steps, vocab, generator=g, device=device)
+                                       for g in self.generators], dim=1)
+            self._used = 0
+        self._used += 1
+        return self._drawn[self._used - 1]
 
     def shape(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores of the distribution sampled from: temperature, then top-k, then top-p."""
@@ -185,11 +202,15 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompts: DataBatch, params: SamplingParams) -> DataBatch:
         if self.model is None or self._kept_buffers is not None:
             raise RuntimeError("HFRolloutEngine.generate called before load_weights")
-        batch = prompts.repeat(params.n) if params.n > 1 else prompts
         seeds = response_seeds(params.seed, prompts.non_tensors["uid"], params.n)
+        # Micro-batches of `micro_batch_size` response rows; each prefills the prompts its rows answer once.
+        owners = torch.arange(len(prompts)).repeat_interleave(params.n)
         size = self.micro_batch_size
-        pieces = [self._generate_micro_batch(mb, params, seeds[i:i + size])
-                  for i, mb in zip(range(0, len(batch), size), batch.split(size))]
+        pieces = []
+        for start in range(0, len(owners), size):
+            prompt_rows, copies = torch.unique_consecutive(owners[start:start + size], return_counts=True)
+            pieces.append(self._generate_micro_batch(prompts.index(prompt_rows), copies, params,
+                                                     seeds[start:start + size]))
         # Always max_new_tokens wide: ranks whose responses all stop early must still return the same width
         # as the others (their results are concatenated), as verl pads to response_length.
         width = max(max(ids.shape[1] for ids, _ in pieces), params.max_new_tokens)
@@ -198,16 +219,16 @@ class HFRolloutEngine(RolloutEngine):
         response_mask = response_mask_from_ids(responses, self.eos_token_ids, self.pad_token_id)
         per_token = {k: torch.cat([nn.functional.pad(p[k], (0, width - p[k].shape[1])) for _, p in pieces])
                      * response_mask for k in pieces[0][1]}
+        batch = prompts.repeat(params.n) if params.n > 1 else prompts
         batch.tensors.update(prompts=batch.tensors["input_ids"], responses=responses, response_mask=response_mask,
                              **per_token)
         return batch
 
-    def _generate_micro_batch(self, mb: DataBatch, params: SamplingParams,
+    def _generate_micro_batch(self, mb: DataBatch, copies: torch.Tensor, params: SamplingParams,
                               seeds: List[int]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """(response ids, {"rollout_log_probs": their log-probs[, "old_log_probs", "entropys"]}), all (rows, G)
-        with G the generated length."""
+        """(response ids, {"rollout_log_probs": their log-probs[, "old_log_probs", "entropys"]}), all
+        (sum(copies), G) with G the generated length: `copies[i]` responses to prompt row i of `mb`."""
         input_ids = mb.tensors["input_ids"].to(self.device)
-        attention_mask = mb.tensors["attention_mask"].to(self.device)
         vision = batch_multimodal_inputs(mb.non_tensors.get("multi_modal_inputs"), self.device)
         if vision:
             vision["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.model_config)
@@ -219,12 +240,10 @@ class HFRolloutEngine(RolloutEngine):
         sampling = [] if params.greedy else [SeededSampling(seeds, params, self.device)]
         recorder = SampledTokenLogProbs(sampling[0].shape if sampling else (lambda scores: scores))
         policy = [PolicyTokenStats(params.temperature or 1.0)] if self.policy_stats else []
-        processors = LogitsProcessorList([*policy, *suppress, recorder, *sampling])
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True,
-            do_sample=False, logits_processor=processors, top_k=None, top_p=None, temperature=None, **vision)
-        generated = output[:, input_ids.shape[1]:]
+        generated = decode(self.model, input_ids, mb.tensors["attention_mask"].to(self.device),
+                           mb.tensors["position_ids"].to(self.device), vision, copies,
+                           [*policy, *suppress, recorder, *sampling], self.eos_token_ids,
+                           self.pad_token_id, params.max_new_tokens)
         per_token = {"rollout_log_probs": recorder.finish(generated)}
         if policy:
             per_token["old_log_probs"], per_token["entropys"] = policy[0].finish(generated)
