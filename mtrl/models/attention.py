@@ -196,10 +196,8 @@ def _torch_varlen(query, key, value, cu_q, cu_k, scaling, dropout, is_causal, tr
     after it); otherwise an explicit bottom-right aligned mask (as flash-attn) is built. Padding
     query rows are computed and dropped. Differentiable; the copies are index ops, O(T) each.
     """
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:  # grouped-query attention: share each kv head across n_rep query heads
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
+    # Grouped-query attention: sdpa shares each kv head across its query heads (no repeated copies).
+    gqa = query.shape[1] != key.shape[1]
     # (1, H, T, D) -> (T, H, D): the packed tokens along dim 0, where the index ops work.
     q_tok, k_tok, v_tok = (t[0].transpose(0, 1) for t in (query, key, value))
     cu_q, cu_k = (cu.to(device=query.device, dtype=torch.long) for cu in (cu_q, cu_k))
@@ -234,7 +232,8 @@ def _torch_varlen(query, key, value, cu_q, cu_k, scaling, dropout, is_causal, tr
             mask = (mask | (i >= lq)).unsqueeze(1)  # padding query rows: any key (no empty softmax)
             causal = False
         attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=causal, scale=scaling
+            q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=causal, scale=scaling,
+            enable_gqa=gqa,
         )
         attn = attn.transpose(1, 2).reshape(len(bucket) * width_q, *q_tok.shape[1:])
         out = out.index_copy(0, q_packed, attn.index_select(0, q_slots))
