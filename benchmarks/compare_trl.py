@@ -8,7 +8,12 @@ perception token filtering, trajectory reweighting). Runs alternate (mtrl_grpo, 
 mtrl_grpo, ...); the first `--warmup` steps of each run are skipped. Every run is its own process,
 so start-up (imports, Ray, model load) is measured from process start to the end of the first step.
 
-    python benchmarks/compare_trl.py [--shapes 4x4x16 16x8x64] [--steps 4] [--repeats 2] [--big]
+    python benchmarks/compare_trl.py [--shapes 4x4x16 16x8x64] [--steps 4] [--repeats 2] [--big] [--workers 2]
+
+`--big` adds the ~30M-parameter Qwen2-VL (`BIG_SIZES`; compute-bound on CPU). `--workers 2` adds MTRL GRPO
+with 2 worker processes on the same global batch (each computes half of every batch), to check that 2
+processes beat 1. Each shape also reports the update phase's achieved FLOP/s against this machine's fp32
+matmul peak (`update_flops.matmul_peak`).
 
 TRL is a benchmark-only dependency (`pip install trl`); MTRL never imports it. Writes
 benchmarks/results/compare_trl.{json,md}.
@@ -29,8 +34,10 @@ from typing import Any, Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 REWARD_FN = os.path.join(ROOT, "reward_fns", "shapes.py")
-BIG_SIZES = dict(hidden_size=512, num_hidden_layers=6, intermediate_size=1376, num_attention_heads=8,
-                 num_key_value_heads=4)
+# The ~30M-parameter model (compute-bound on CPU): head_dim 64, grouped-query attention as the real ones.
+BIG_SIZES = dict(hidden_size=640, num_hidden_layers=8, intermediate_size=1344, num_attention_heads=10,
+                 num_key_value_heads=5)
+BIG_MODEL = "tiny_qwen2_vl_30m"
 TPRL = dict(enable_entropy_filtering=True, top_p_entropy_tokens=0.5, enable_perception_filtering=True,
             top_p_perception_tokens=0.5, enable_trajectory_reweighting=True, trajectory_scaling_min=0.8)
 GRPO = dict(enable_entropy_filtering=False, enable_perception_filtering=False, enable_trajectory_reweighting=False)
@@ -40,7 +47,7 @@ def prepare(work: str, big: bool) -> Dict[str, str]:
     from mtrl.models.tiny import ensure_tiny_model
     from mtrl.utils.shapes_task import ensure_task
 
-    model = ensure_tiny_model(os.path.join(work, "tiny_qwen2_vl_big" if big else "tiny_qwen2_vl"), "qwen2_vl",
+    model = ensure_tiny_model(os.path.join(work, BIG_MODEL if big else "tiny_qwen2_vl"), "qwen2_vl",
                               **(BIG_SIZES if big else {}))
     task = ensure_task(os.path.join(work, "shapes"), n_train=2000, n_val=32, seed=0, difficulty="easy")
     return {"model": model, "task": task}
@@ -56,15 +63,18 @@ def n_params(model_dir: str) -> int:
 # ------------------------------------------------------------------ MTRL
 
 
-def mtrl_config(s: Dict[str, Any], paths: Dict[str, str], run_dir: str, tprl: bool) -> Dict[str, Any]:
+def mtrl_config(s: Dict[str, Any], paths: Dict[str, str], run_dir: str, tprl: bool,
+                workers: int = 1) -> Dict[str, Any]:
+    """`workers` worker processes share the same global batch: each gets 1/workers of the rows."""
     task = paths["task"]
+    rows = s["P"] * s["G"] // workers
     return {
         "dataset": {"train_files": os.path.join(task, "train.jsonl"), "val_files": os.path.join(task, "val.jsonl"),
                     "image_dir": task, "min_pixels": 3136, "max_pixels": 3136, "max_prompt_length": 96,
                     "max_response_length": s["T"], "rollout_batch_size": s["P"], "val_batch_size": 32,
                     "seed": 1},
         "training": {"project_name": "compare_trl", "experiment_name": "run", "save_checkpoint_path": run_dir,
-                     "logger": ["file"], "device": "cpu", "n_gpus_per_node": 1, "total_epochs": 1,
+                     "logger": ["file"], "device": "cpu", "n_gpus_per_node": workers, "total_epochs": 1,
                      "max_steps": s["steps"], "val_freq": -1, "val_before_train": False, "save_freq": -1,
                      "seed": 1},
         "optimization": {"advantage_estimator": "grpo", "disable_divergence": True, **(TPRL if tprl else GRPO)},
@@ -73,23 +83,24 @@ def mtrl_config(s: Dict[str, Any], paths: Dict[str, str], run_dir: str, tprl: bo
                       "optim": {"lr": s["lr"], "warmup_steps": 0, "weight_decay": 0.0},
                       "fsdp": {"mixed_precision_dtype": "fp32"},
                       # one update per rollout: the whole rollout is one mini-batch and one micro-batch
-                      "global_batch_size": s["P"], "micro_batch_size_per_device_for_update": s["P"] * s["G"],
-                      "micro_batch_size_per_device_for_experience": s["P"] * s["G"],
+                      "global_batch_size": s["P"], "micro_batch_size_per_device_for_update": rows,
+                      "micro_batch_size_per_device_for_experience": rows,
                       "max_token_len_per_device": 1 << 20},
-            "rollout": {"n": s["G"], "temperature": s["temperature"], "micro_batch_size_per_device": s["P"] * s["G"]},
+            "rollout": {"n": s["G"], "temperature": s["temperature"], "micro_batch_size_per_device": rows},
             "reward": {"reward_fn_path": REWARD_FN},
         },
     }
 
 
-def run_mtrl(s: Dict[str, Any], paths: Dict[str, str], work: str, tprl: bool, tag: str) -> Dict[str, Any]:
+def run_mtrl(s: Dict[str, Any], paths: Dict[str, str], work: str, tprl: bool, tag: str,
+             workers: int = 1) -> Dict[str, Any]:
     import yaml
 
     run_dir = os.path.join(work, "runs", tag)
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "config_in.yaml")
     with open(cfg_path, "w") as f:
-        yaml.safe_dump(mtrl_config(s, paths, run_dir, tprl), f)
+        yaml.safe_dump(mtrl_config(s, paths, run_dir, tprl, workers), f)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     start = time.time()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
@@ -215,7 +226,24 @@ def summarize(runs: Dict[str, List[Dict[str, Any]]], warmup: int) -> Dict[str, A
     med = {k: v["s_per_step"]["median"] for k, v in out.items()}
     out["ratios"] = {"mtrl_grpo_over_trl": med["mtrl_grpo"] / med["trl"],
                      "mtrl_tprl_over_mtrl_grpo": med["mtrl_tprl"] / med["mtrl_grpo"]}
+    for name in out:
+        if name.startswith("mtrl_grpo_") and name.endswith("w"):  # mtrl_grpo_2w: N worker processes
+            out["ratios"][f"{name}_over_mtrl_grpo"] = med[name] / med["mtrl_grpo"]
     return out
+
+
+def update_flops(result: Dict[str, Any], params: int, peak: float) -> Dict[str, float]:
+    """Achieved update-phase FLOP/s of the MTRL GRPO runs, estimated as 6 x params x tokens per step over the
+    median `timing/update_actor` (attention FLOPs not counted: an underestimate; benchmarks/update_flops.py
+    counts every term for one update in-process)."""
+    tokens = statistics.median(t for r in result["raw"]["mtrl_grpo"] for t in r["tokens"])
+    flops_per_s = 6 * params * tokens / result["mtrl_grpo"]["timing_median"]["timing/update_actor"]
+    return {"tokens_per_step": tokens, "flops_per_s": flops_per_s, "matmul_peak_flops_per_s": peak,
+            "fraction_of_peak": flops_per_s / peak}
+
+
+def cell(x: Dict[str, float]) -> str:
+    return f"{x['median']:.3f} ({x['min']:.3f}-{x['max']:.3f})"
 
 
 def write_markdown(payload: Dict[str, Any]) -> str:
@@ -228,18 +256,26 @@ def write_markdown(payload: Dict[str, Any]) -> str:
     for key, r in payload["results"].items():
         g, t, trl = r["mtrl_grpo"], r["mtrl_tprl"], r["trl"]
 
-        def cell(x):
-            return f"{x['median']:.3f} ({x['min']:.3f}-{x['max']:.3f})"
-
         lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {key} | {cell(g['s_per_step'])} | "
                      f"{cell(t['s_per_step'])} | {cell(trl['s_per_step'])} | "
                      f"{r['ratios']['mtrl_grpo_over_trl']:.2f} | {r['ratios']['mtrl_tprl_over_mtrl_grpo']:.2f} | "
                      f"{g['tokens_per_s']['median']:.0f} / {trl['tokens_per_s']['median']:.0f} | "
                      f"{g['startup_to_first_step_s']['median']:.1f} / {trl['startup_to_first_step_s']['median']:.1f} |")
-    lines += ["", "s/step: median (min-max) over the non-warm-up steps of all repeats. MTRL phase medians "
-              "(timing/*, s):", ""]
+    lines += ["", "s/step: median (min-max) over the non-warm-up steps of all repeats.", ""]
     for key, r in payload["results"].items():
-        for name in ("mtrl_grpo", "mtrl_tprl"):
+        for name, ratio in r["ratios"].items():
+            if name.startswith("mtrl_grpo_") and name.endswith("w_over_mtrl_grpo"):
+                run = name[:-len("_over_mtrl_grpo")]
+                lines.append(f"- {key} MTRL GRPO with {run[len('mtrl_grpo_'):-1]} worker processes on the same "
+                             f"global batch: {cell(r[run]['s_per_step'])} s/step, {ratio:.2f} x the 1-process step")
+        u = r["update_flops"]
+        lines.append(f"- {key} update phase ~{u['flops_per_s'] / 1e9:.3g} GFLOP/s (6 x params x "
+                     f"{u['tokens_per_step']:.0f} tokens / timing/update_actor) = "
+                     f"{100 * u['fraction_of_peak']:.0f}% of this machine's fp32 matmul peak "
+                     f"{u['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    lines += ["", "MTRL phase medians (timing/*, s):", ""]
+    for key, r in payload["results"].items():
+        for name in (n for n in r if n.startswith("mtrl_") and "timing_median" in r[n]):
             tm = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in r[name]["timing_median"].items())
             lines.append(f"- {key} {name}: {tm}")
     lines += ["", f"Command: `{payload['command']}`"]
@@ -254,7 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="alternations per shape")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--big", action="store_true", help="also the ~20M-parameter model (hidden 512, 6 layers)")
+    p.add_argument("--big", action="store_true", help="also the ~30M-parameter model (hidden 640, 8 layers)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="also MTRL GRPO with this many worker processes on the same global batch (vs 1)")
     p.add_argument("--work", default=os.path.join(ROOT, "outputs", "compare_trl"))
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -266,6 +304,9 @@ def main(argv=None) -> int:
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     load_before = uptime()
     models = [False, True] if args.big else [False]
+    from update_flops import matmul_peak  # noqa: PLC0415 (a sibling script; it imports this one)
+
+    peak = matmul_peak()["flops_per_s"]  # before the runs: the main process is idle while they run
     results: Dict[str, Any] = {}
     for big in models:
         paths = prepare(args.work, big)
@@ -274,16 +315,23 @@ def main(argv=None) -> int:
             s = dict(P=P, G=G, T=T, steps=args.steps, warmup=args.warmup, lr=args.lr, temperature=args.temperature)
             key = f"{'big ' if big else ''}P{P}xG{G}xT{T}"
             runs: Dict[str, List[Dict[str, Any]]] = {"mtrl_grpo": [], "mtrl_tprl": [], "trl": []}
+            multi = f"mtrl_grpo_{args.workers}w"
+            if args.workers > 1:
+                runs[multi] = []
             for rep in range(args.repeats):  # alternate: A B C A B C ...
                 tag = f"{'big_' if big else ''}{shape}_r{rep}"
                 runs["mtrl_grpo"].append(run_mtrl(s, paths, args.work, False, f"mtrl_grpo_{tag}"))
                 runs["mtrl_tprl"].append(run_mtrl(s, paths, args.work, True, f"mtrl_tprl_{tag}"))
                 runs["trl"].append(run_trl(s, paths, args.work, f"trl_{tag}"))
+                if args.workers > 1:
+                    runs[multi].append(run_mtrl(s, paths, args.work, False, f"{multi}_{tag}", args.workers))
                 print(f"[compare_trl] {key} repeat {rep}: " + ", ".join(
                     f"{k} {statistics.median(v[-1]['step_seconds'][1:] or v[-1]['step_seconds']):.3f}s"
                     for k, v in runs.items()), flush=True)
-            results[key] = {"model": "tiny_qwen2_vl" + ("_big" if big else ""), "params": n_params(paths["model"]),
+            params = n_params(paths["model"])
+            results[key] = {"model": BIG_MODEL if big else "tiny_qwen2_vl", "params": params,
                             **summarize(runs, args.warmup), "raw": runs}
+            results[key]["update_flops"] = update_flops(results[key], params, peak)
             md = write_results(args, argv, load_before, uptime(), results)  # after every shape: partial results
     print(md)
     return 0
@@ -302,9 +350,15 @@ def write_results(args, argv, load_before: str, load_after: str, results: Dict[s
                     "reward": "reward_fns/shapes.py reward_function (format_weight 0.1)",
                     "algorithm": "GRPO, group-normalised advantages, no reference model, no KL (beta=0)",
                     "updates_per_rollout": 1, "lr": args.lr, "temperature": args.temperature, "top_p": 1.0,
-                    "top_k": "off", "dtype": "fp32", "device": "cpu", "processes": 1,
+                    "top_k": "off", "dtype": "fp32", "device": "cpu",
+                    "processes": 1 if args.workers == 1 else f"1 (and {args.workers} MTRL worker processes in "
+                                                             f"mtrl_grpo_{args.workers}w, each 1/{args.workers} of "
+                                                             "every batch, same global batch)",
                     "steps_per_run": args.steps, "warmup_steps_skipped": args.warmup, "repeats": args.repeats,
-                    "order": "mtrl_grpo, mtrl_tprl, trl alternating, each run a fresh process"},
+                    "order": "mtrl_grpo, mtrl_tprl, trl" + (f", mtrl_grpo_{args.workers}w" if args.workers > 1 else "")
+                             + " alternating, each run a fresh process",
+                    **({"big_model": f"{BIG_MODEL}: " + ", ".join(f"{k}={v}" for k, v in BIG_SIZES.items())}
+                       if args.big else {})},
         "results": results,
         "command": "python benchmarks/compare_trl.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -375,6 +375,55 @@ def test_varlen_attention_function_directly():
     assert full.shape == (1, 5, 4, 8)
 
 
+def test_length_buckets_bound_the_padding():
+    """Longest first; a segment joins the bucket while n x longest <= 1.5 x real tokens; empty ones drop."""
+    from mtrl.models.attention import _length_buckets
+
+    # 10, 9, 8, 2 -> 4 x 10 = 40 <= 1.5 x 29; adding 1 would give 50 > 1.5 x 30 = 45.
+    assert _length_buckets([10, 9, 2, 0, 8, 1]) == [[0, 1, 4, 2], [5]]
+    assert _length_buckets([5, 5, 5]) == [[0, 1, 2]]
+    assert _length_buckets([0, 0]) == []
+
+
+def _per_segment_attention(q, k, v, cu_q, cu_k, scale):
+    """Reference: one sdpa call per segment, bottom-right causal, GQA by repeating the kv heads."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    outs = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
+        if q1 > q0:
+            mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(k1 - k0 - (q1 - q0))
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, scale=scale))
+    return torch.cat(outs, 2).transpose(1, 2)  # (1, T, H, D)
+
+
+@pytest.mark.parametrize("same_segments", [True, False])
+def test_bucketed_torch_kernel_matches_per_segment_attention(same_segments):
+    """Long-tailed lengths (several buckets, an empty segment), GQA: outputs and q/k/v gradients agree."""
+    from mtrl.models.attention import _length_buckets, _torch_varlen
+
+    torch.manual_seed(0)
+    lens_k = [3, 40, 1, 0, 17, 16, 2, 38]
+    lens_q = lens_k if same_segments else [min(n, 2 + i % 3) for i, n in enumerate(lens_k)]  # q_len <= k_len
+    assert len(_length_buckets(lens_q)) >= 2
+    cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+    q = torch.randn(1, 4, sum(lens_q), 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, sum(lens_k), 8, requires_grad=True) for _ in range(2))
+    weights = torch.randn(1, sum(lens_q), 4, 8)
+    results = []
+    for fn in (_torch_varlen, None):
+        out = (fn(q, k, v, cu_q, cu_k, 0.3, 0.0, True, False) if fn is not None
+               else _per_segment_attention(q, k, v, cu_q, cu_k, 0.3))
+        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=0)
+
+
 def test_flash_kernel_call_layout(monkeypatch):
     """The flash path's tensor layout and arguments, checked on CPU with a stand-in for flash-attn."""
     from mtrl.models import attention

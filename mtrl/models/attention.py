@@ -13,9 +13,10 @@ CPU (and flex has no CPU backward), so we register our own attention function wi
   (what :mod:`mtrl.models.packing` passes), or transformers' own packed-batch names ``cu_seq_lens_q``
   / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``, or as a last resort text ``position_ids``
   that restart at 0 for every sequence -- it attends causally inside each segment:
-  ``flash_attn_varlen_func`` on CUDA when ``flash_attn`` is installed, otherwise a loop of
-  ``torch.nn.functional.scaled_dot_product_attention`` calls, one per segment (plain torch, works on
-  CPU, differentiable);
+  ``flash_attn_varlen_func`` on CUDA when ``flash_attn`` is installed, otherwise plain torch: the
+  segments, bucketed by length, are copied into padded blocks and each bucket is one batched
+  ``torch.nn.functional.scaled_dot_product_attention`` call (works on CPU, differentiable; one sdpa
+  call per segment was the old way, and its slice backward alone cost O(segments x T));
 * without varlen metadata (ordinary padded batches, ``generate`` with a KV cache) it behaves exactly
   like transformers' ``sdpa`` implementation, so one model object serves the padded path, the
   packed path and rollouts.
@@ -55,7 +56,7 @@ logger = get_logger(__name__)
 
 #: Name of the auto-dispatching implementation (flash-attn on CUDA when installed, torch otherwise).
 VARLEN_ATTENTION = "mtrl_varlen"
-#: Always the plain-torch per-segment loop (reference implementation; any device).
+#: Always the plain-torch kernel (bucketed, batched sdpa calls; any device).
 VARLEN_ATTENTION_TORCH = "mtrl_varlen_torch"
 #: Always flash-attn's ``flash_attn_varlen_func`` (CUDA + fp16/bf16 only).
 #: The name must not contain the substring "flash": transformers treats any such name as a flash
@@ -155,32 +156,88 @@ def _segment_metadata(query: torch.Tensor, key: torch.Tensor, attention_mask, kw
 # Varlen kernels. Inputs follow transformers' convention: query (1, H, T, D), key/value (1, Hkv, S, D).
 # Output (1, T, H, D) like every transformers attention function.
 # ----------------------------------------------------------------------------------------------
+#: Segments are batched into padded sdpa calls; a new bucket starts where padding the next (shorter)
+#: segment up to the bucket's longest one would make the bucket more than this many times its real
+#: tokens (bounds the padding work and memory on long-tailed length mixes).
+_MAX_BUCKET_PADDING = 1.5
+
+
+def _length_buckets(lengths: list) -> list:
+    """Group segment indices, longest first, into buckets of similar length (see _MAX_BUCKET_PADDING)."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    buckets, real = [], 0
+    for i in order:
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= _MAX_BUCKET_PADDING * (real + lengths[i]):
+            buckets[-1].append(i)
+            real += lengths[i]
+        else:
+            buckets.append([i])
+            real = lengths[i]
+    return buckets
+
+
+def _padded_slots(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple:
+    """Packed positions of segments laid out left-aligned in a (n, width) padded block.
+
+    Returns ``(packed, slots)``: token ``packed[t]`` of the packed row goes to flat slot ``slots[t]``.
+    """
+    offsets = torch.arange(width, device=starts.device)
+    real = offsets[None, :] < lengths[:, None]  # (n, width)
+    packed = (starts[:, None] + offsets[None, :])[real]
+    slots = torch.nonzero(real.reshape(-1), as_tuple=False).reshape(-1)
+    return packed, slots
+
+
 def _torch_varlen(query, key, value, cu_q, cu_k, scaling, dropout, is_causal, training):
-    """Plain-torch reference: one sdpa call per segment (memory O(sum L_i^2), differentiable)."""
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:  # grouped-query attention: share each kv head across n_rep query heads
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
-    bounds_q = cu_q.tolist()
-    bounds_k = cu_k.tolist()
-    outputs = []
-    for (q0, q1), (k0, k1) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
-        if q1 == q0:
-            continue
-        q, k, v = query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1]
-        lq, lk = q1 - q0, k1 - k0
+    """Plain torch: segments of similar length run as one padded, batched sdpa call per bucket.
+
+    Each segment is copied left-aligned into a (n, H, width, D) block. With equal query and key
+    segments, plain top-left causal attention is then exact for every real query (the padding lies
+    after it); otherwise an explicit bottom-right aligned mask (as flash-attn) is built. Padding
+    query rows are computed and dropped. Differentiable; the copies are index ops, O(T) each.
+    """
+    # Grouped-query attention: sdpa shares each kv head across its query heads (no repeated copies).
+    gqa = query.shape[1] != key.shape[1]
+    # (1, H, T, D) -> (T, H, D): the packed tokens along dim 0, where the index ops work.
+    q_tok, k_tok, v_tok = (t[0].transpose(0, 1) for t in (query, key, value))
+    cu_q, cu_k = (cu.to(device=query.device, dtype=torch.long) for cu in (cu_q, cu_k))
+    len_q, len_k = (cu[1:] - cu[:-1] for cu in (cu_q, cu_k))
+    lengths_q, lengths_k = len_q.tolist(), len_k.tolist()
+    same_segments = lengths_q == lengths_k
+    out = q_tok.new_zeros(q_tok.shape)
+    for bucket in _length_buckets(lengths_q):
+        rows = torch.tensor(bucket, device=query.device)
+        width_q = lengths_q[bucket[0]]
+        width_k = width_q if same_segments else max(lengths_k[i] for i in bucket)
+        q_packed, q_slots = _padded_slots(cu_q[rows], len_q[rows], width_q)
+        k_packed, k_slots = q_packed, q_slots
+        if not same_segments:
+            k_packed, k_slots = _padded_slots(cu_k[rows], len_k[rows], width_k)
+
+        def block(tokens, packed, slots, width):
+            flat = tokens.new_zeros((len(bucket) * width, *tokens.shape[1:]))
+            flat = flat.index_copy(0, slots, tokens.index_select(0, packed))
+            return flat.view(len(bucket), width, *tokens.shape[1:]).transpose(1, 2)  # (n, H, width, D)
+
+        q = block(q_tok, q_packed, q_slots, width_q)
+        k, v = (block(t, k_packed, k_slots, width_k) for t in (k_tok, v_tok))
         mask, causal = None, is_causal
-        if is_causal and lq != lk:
-            # Bottom-right aligned causal mask (the queries are the last lq tokens), as flash-attn does.
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        if not same_segments or not is_causal:
+            i = torch.arange(width_q, device=q.device)[:, None]
+            j = torch.arange(width_k, device=q.device)[None, :]
+            lq, lk = (x[rows][:, None, None] for x in (len_q, len_k))
+            mask = j < lk  # (n, width_q, width_k): real keys of each segment
+            if is_causal:  # the queries are the last lq tokens of the segment
+                mask = mask & (j <= i + (lk - lq))
+            mask = (mask | (i >= lq)).unsqueeze(1)  # padding query rows: any key (no empty softmax)
             causal = False
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=causal, scale=scaling
-            )
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=causal, scale=scaling,
+            enable_gqa=gqa,
         )
-    out = torch.cat(outputs, dim=2) if outputs else query.new_zeros(query.shape)
-    return out.transpose(1, 2).contiguous()
+        attn = attn.transpose(1, 2).reshape(len(bucket) * width_q, *q_tok.shape[1:])
+        out = out.index_copy(0, q_packed, attn.index_select(0, q_slots))
+    return out.unsqueeze(0)  # (1, T, H, D)
 
 
 def _flash_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scaling, dropout, is_causal, training, kwargs):
