@@ -79,7 +79,10 @@ def mtrl_config(s: Dict[str, Any], paths: Dict[str, str], run_dir: str, tprl: bo
                      "seed": 1},
         "optimization": {"advantage_estimator": "grpo", "disable_divergence": True, **(TPRL if tprl else GRPO)},
         "worker": {
+            # Old log-probs: GRPO takes the update's own forward (`auto`: one optimizer step per rollout, as
+            # TRL); TPRL needs them before the update, so it takes the ones the hf engine records.
             "actor": {"model": {"model_path": paths["model"], "enable_gradient_checkpointing": False},
+                      "old_log_probs": "rollout" if tprl else "auto",
                       "optim": {"lr": s["lr"], "warmup_steps": 0, "weight_decay": 0.0},
                       "fsdp": {"mixed_precision_dtype": "fp32"},
                       # one update per rollout: the whole rollout is one mini-batch and one micro-batch
@@ -351,6 +354,8 @@ def write_results(args, argv, load_before: str, load_after: str, results: Dict[s
                     "algorithm": "GRPO, group-normalised advantages, no reference model, no KL (beta=0)",
                     "updates_per_rollout": 1, "lr": args.lr, "temperature": args.temperature, "top_p": 1.0,
                     "top_k": "off", "dtype": "fp32", "device": "cpu",
+                    "mtrl_old_log_probs": "GRPO auto (the update's own forward), TPRL rollout (recorded by the "
+                                          "hf engine while generating)",
                     "processes": 1 if args.workers == 1 else f"1 (and {args.workers} MTRL worker processes in "
                                                              f"mtrl_grpo_{args.workers}w, each 1/{args.workers} of "
                                                              "every batch, same global batch)",
