@@ -82,6 +82,9 @@ class Trainer:
         self.config = config
         self.export_dir = export_dir  # where `fit` writes the trained model as a Hugging Face folder, if set
         self.run_dir = config.training.run_dir
+        from mtrl.tools.memory_plan import check_memory_at_startup  # noqa: PLC0415
+
+        check_memory_at_startup(config, on_gpu=uses_gpu(config.training))
         self.tokenizer, self.processor, self.model_config = open_run(config)
         self.val_loader = self.build_val_loader()
         self.train_loader = None if config.training.val_only else self.build_train_loader()
@@ -306,9 +309,6 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
             try:
                 ensure_builtin_assets(config)
                 absolutize_paths(config)
-                from mtrl.tools.memory_plan import check_memory_at_startup  # noqa: PLC0415
-
-                check_memory_at_startup(config, on_gpu=uses_gpu(config.training))
                 trainer = trainer_cls(config)
                 trainer.stop = stop
                 final = trainer.fit()
