@@ -34,14 +34,6 @@ from mtrl.workers.reward import RewardManager, reward_metrics, token_level_score
 logger = get_logger(__name__)
 
 
-def _shutdown_started_group(started: Future) -> None:
-    if started.exception() is None:
-        try:
-            started.result().shutdown()
-        except Exception:  # Ray already shut down (the run's end), which stopped the workers itself
-            pass
-
-
 class DistributedTrainer(Trainer):
     """The RL trainer: the skeleton's loop (trainer_base.py) with generation, rewards and the PPO-style update."""
 
@@ -60,8 +52,7 @@ class DistributedTrainer(Trainer):
             if opt.needs_perception_pass and image_processor is not None:  # fail here, not in a worker's first step
                 patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
             self.rewards = self._build_rewards()
-            if hasattr(self.rewards, "start"):
-                self.rewards.start()  # the reward actors' processes start alongside the workers
+            self._start_rewards()
             self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
                                                              opt.divergence_target, opt.divergence_horizon)
             self.entropy_bonus = po.EntropyBonusController(opt.entropy_bonus_type, opt.entropy_bonus_coef,
@@ -71,6 +62,11 @@ class DistributedTrainer(Trainer):
             if getattr(self, "rewards", None) is not None:
                 self.rewards.shutdown()
             raise
+
+    def _start_rewards(self) -> None:
+        """The reward actors' processes start now, alongside the workers' (the first step scores rewards)."""
+        if hasattr(self.rewards, "start"):
+            self.rewards.start()
 
     def _uses_critic(self) -> bool:
         return self.config.optimization.advantage_estimator == "gae" and not self.config.training.val_only
@@ -135,10 +131,14 @@ class DistributedTrainer(Trainer):
         return started
 
     def _stop_starting_group(self) -> None:
-        """Stop the workers started for a trainer that will not use them (its construction failed), once started."""
-        if self._starting_group is not None:
-            self._starting_group.add_done_callback(_shutdown_started_group)
-            self._starting_group = None
+        """Stop the workers started for a trainer that will not use them (its construction failed). Waits for them
+        to finish starting: a Ray call the background thread made after Ray was shut down would start a new Ray."""
+        started, self._starting_group = self._starting_group, None
+        if started is not None:
+            try:
+                started.result().shutdown()
+            except Exception:  # its own failure; the trainer's error is the one to report
+                pass
 
     def _create_worker_group(self, extra_roles: Optional[Dict[str, Any]] = None):
         """One colocated worker process per device with the actor (and critic, and `extra_roles`) roles."""

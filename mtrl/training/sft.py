@@ -48,6 +48,9 @@ class SFTTrainer(DistributedTrainer):
     def _uses_critic(self) -> bool:
         return False
 
+    def _start_rewards(self) -> None:
+        pass  # they score validation only: their actors start when it first runs
+
     def build_train_loader(self):
         d = self.config.dataset
         dataset = build_mixed_dataset(d.sft_files, lambda files: build_sft_dataset(files, d, self.tokenizer,
