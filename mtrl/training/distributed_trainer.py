@@ -9,12 +9,15 @@ token/trajectory decisions; Ray actors own the devices and run FSDP2 actor/refer
     -> values -> advantages, TPRL mask and scaling
     -> critic update -> actor update -> metrics [-> validation]
 
+Start-up: the worker processes (and the reward actors) start in the background while this process plans the
+memory, loads the tokenizer and builds the datasets; `init_workers` then waits for them and builds the models.
+
 Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max) are made here,
 so results do not depend on the number of workers.
 """
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -124,11 +127,9 @@ class DistributedTrainer(Trainer):
         return w.reward.reward_type != "model" and not (w.rollout.name == "vllm" and not w.rollout.limit_mm_per_prompt)
 
     def _start_worker_group(self) -> Future:
-        """`_create_worker_group` in a background thread: it mostly waits for the worker processes to start."""
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl-start-workers")
-        started = thread.submit(self._create_worker_group)
-        thread.shutdown(wait=False)
-        return started
+        from mtrl.single_controller.ray import start_in_background
+
+        return start_in_background(self._create_worker_group)
 
     def _stop_starting_group(self) -> None:
         """Stop the workers started for a trainer that will not use them (its construction failed). Waits for them

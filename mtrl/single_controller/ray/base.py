@@ -5,6 +5,9 @@
     group = RayWorkerGroup(pool, RayClassWithInitArgs(MyWorker, config))
     group.some_registered_method(batch)        # dispatched per the method's @register mode
     group.shutdown()
+    starting = start_in_background(lambda: RayWorkerGroup(pool, ...))   # other work meanwhile
+    group = starting.result()
+    shutdown_ray()                              # ray.shutdown() once background starts are done
 
 Colocated roles (one process per device holding several workers):
 
@@ -30,7 +33,8 @@ created with that address.
 
 import os
 import uuid
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -85,6 +89,28 @@ def init_ray(num_cpus: Optional[int] = None, object_store_memory: Optional[int] 
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
                  object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_MEMORY,
                  runtime_env=runtime_env, _system_config=system_config, **ray_init_kwargs)
+
+
+# Worker groups being created in background threads (start_in_background), until they are started.
+_STARTING: Set[Future] = set()
+
+
+def start_in_background(create: Callable[[], "RayWorkerGroup"]) -> Future:
+    """Run `create` (which makes a worker group: mostly waiting for its processes to start) in a background thread,
+    so this process can do other work meanwhile; the future's `result()` is the group."""
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl-start-workers")
+    started = thread.submit(create)
+    thread.shutdown(wait=False)
+    _STARTING.add(started)
+    started.add_done_callback(_STARTING.discard)
+    return started
+
+
+def shutdown_ray() -> None:
+    """`ray.shutdown()`, once the worker groups starting in the background are started: a Ray call their thread
+    made after the shutdown would start a new local Ray. The shutdown stops their workers."""
+    wait(list(_STARTING))
+    ray.shutdown()
 
 
 # ---------------------------------------------------------------------- resources
