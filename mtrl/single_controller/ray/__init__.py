@@ -7,6 +7,8 @@ from mtrl.single_controller.ray.base import (
     RayWorkerGroup,
     create_colocated_worker_cls,
     init_ray,
+    shutdown_ray,
+    start_in_background,
 )
 
 __all__ = [
@@ -16,4 +18,6 @@ __all__ = [
     "RayWorkerGroup",
     "create_colocated_worker_cls",
     "init_ray",
+    "shutdown_ray",
+    "start_in_background",
 ]
