@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def run_mtrl(s: Dict[str, Any], paths: Dict[str, str], work: str, tprl: bool, ta
     import yaml
 
     run_dir = os.path.join(work, "runs", tag)
-    os.makedirs(run_dir, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a previous run's checkpoint there would be resumed, not rerun
+    os.makedirs(run_dir)
     cfg_path = os.path.join(run_dir, "config_in.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(mtrl_config(s, paths, run_dir, tprl, workers), f)
