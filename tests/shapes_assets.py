@@ -8,6 +8,14 @@ import torch
 
 _ROOT = None
 
+# A reward file's text with signal for an untrained model (it varies over the responses of one prompt),
+# so that the policy-gradient terms are not all zero.
+TEXT_VARYING_REWARD = '''
+def reward_function(data_dict):
+    response = str(data_dict.get("response") or "")
+    return (len(response) * 7 + sum(map(ord, response))) % 5 / 4.0
+'''
+
 
 def assets_root() -> str:
     global _ROOT

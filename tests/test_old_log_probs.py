@@ -157,22 +157,17 @@ COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/clipfrac", "actor/approx_
             "actor/entropy_bonus_loss", "actor/entropy_threshold", "actor/perception_selected_mean",
             "actor/scaling_factor_mean", "reward/overall", "response_length/mean", "rollout/logprob_abs_diff_mean",
             "rollout/logprob_abs_diff_max", "rollout/kl_actor_vs_rollout", "rollout_corr/is_weight_mean")
-REWARD_FN = '''
-def reward_function(data_dict):
-    response = str(data_dict.get("response") or "")
-    return (len(response) * 7 + sum(map(ord, response))) % 5 / 4.0
-'''
 
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    from shapes_assets import shapes_task, tiny_vl_model
+    from shapes_assets import TEXT_VARYING_REWARD, shapes_task, tiny_vl_model
 
     from mtrl.single_controller.ray import init_ray
 
     root = tmp_path_factory.mktemp("old_log_probs")
-    (root / "reward.py").write_text(REWARD_FN)
+    (root / "reward.py").write_text(TEXT_VARYING_REWARD)
     init_ray(num_cpus=6)
     yield root, shapes_task(), tiny_vl_model()
     ray.shutdown()

@@ -10,6 +10,7 @@ a reward that varies with their text, so each loss gets non-zero advantages; the
 import math
 
 import pytest
+from shapes_assets import TEXT_VARYING_REWARD
 from test_end_to_end import run_cli
 
 from mtrl.optimization.config import POLICY_LOSS_NAMES
@@ -19,12 +20,6 @@ OVERLONG = ["optimization.overlong_buffer_length=8", "optimization.overlong_pena
 # clip_cov / kl_cov restrain 5% of the tokens instead of verl's 0.02% (which is one token here)
 COVARIANCE = ["optimization.clip_cov_ratio=0.05", "optimization.clip_cov_lb=-1", "optimization.kl_cov_ratio=0.05"]
 FAST = ["training.val_before_train=false", "dataset.rollout_batch_size=8"]
-# In [0, 1] and different for most pairs of responses of one prompt.
-TEXT_REWARD = '''
-def reward_function(data_dict):
-    response = str(data_dict.get("response") or "")
-    return (len(response) * 7 + sum(map(ord, response))) % 5 / 4.0
-'''
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in POLICY_LOSS_NAMES if n != "ppo"])
 def test_each_policy_loss_trains_two_steps_with_overlong_shaping(workdir, name):
     reward = workdir / "text_reward.py"
-    reward.write_text(TEXT_REWARD)
+    reward.write_text(TEXT_VARYING_REWARD)
     _, rows = run_cli(workdir, f"loss_{name}", f"optimization.policy_loss={name}", *OVERLONG, *COVARIANCE, *FAST,
                       f"worker.reward.reward_fn_path={reward}", steps=2)
     train_rows = [r for r in rows if "actor/pg_loss" in r]

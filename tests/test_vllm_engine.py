@@ -205,49 +205,23 @@ def test_weight_sync_changes_the_output_like_a_fresh_engine(text_model, tmp_path
     assert torch.allclose(fresh["rollout_log_probs"], after["rollout_log_probs"], atol=1e-6)
 
 
-def test_image_prompts_equal_the_hf_engine_and_use_synced_vision_weights(vl_model):
-    path, tiny = vl_model
-    prompts = _image_prompts(tiny)
+def _greedy_equals_hf_and_a_forward(engine, tiny, prompts):
+    """vLLM's greedy answers to `prompts` equal the hf engine's and their log-probs a transformers forward's;
+    the greedy sampling parameters are returned. `generate` raises if vLLM's vision tokens differ from the dataset's."""
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
-    engine = _engine(path, tiny)
     engine.load_weights(tiny.model.state_dict().items())
-    got = engine.generate(prompts.select(), greedy)  # raises if vLLM's image tokens differ from the dataset's
+    got = engine.generate(prompts.select(), greedy)
     hf = _hf_engine(tiny)
     hf.load_weights(tiny.model.state_dict().items())
     assert torch.equal(got["responses"], hf.generate(prompts.select(), greedy)["responses"])
-    suppressed = list(engine.suppressed)
-    expected = _forward_log_probs(tiny.model, got, suppressed=suppressed)
+    expected = _forward_log_probs(tiny.model, got, suppressed=list(engine.suppressed))
     assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
-    # New vision weights only: the answer to the image must change (no stale encoder cache).
-    state = {k: (v * 3 if "visual" in k and v.dim() > 1 else v) for k, v in tiny.model.state_dict().items()}
-    engine.load_weights(state.items())
-    changed = engine.generate(prompts.select(), greedy)
-    changed_model = make_tiny_model("qwen2_vl", seed=0, **SIZES).model
-    changed_model.load_state_dict(state)
-    expected = _forward_log_probs(changed_model, changed, suppressed=suppressed)
-    assert torch.allclose(changed["rollout_log_probs"], expected, atol=1e-5)
-    assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
+    return greedy
 
 
-def test_video_prompts_equal_the_hf_engine_and_a_forward(video_model):
-    path, tiny = video_model
-    data = _video_data(tiny)
-    prompts = data.collate([data[0], data[1]])
-    assert data.media_per_row() == {"image": 1, "video": 1}
-    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
-    engine = _engine(path, tiny, limits=data.media_per_row())
-    engine.load_weights(tiny.model.state_dict().items())
-    got = engine.generate(prompts.select(), greedy)  # raises if vLLM's video tokens differ from the dataset's
-    hf = _hf_engine(tiny)
-    hf.load_weights(tiny.model.state_dict().items())
-    assert torch.equal(got["responses"], hf.generate(prompts.select(), greedy)["responses"])
+def _follows_new_vision_weights(engine, tiny, prompts, greedy):
+    """After a sync of changed vision-tower weights only, the answers follow them (no stale encoder cache)."""
     suppressed = list(engine.suppressed)
-    expected = _forward_log_probs(tiny.model, got, suppressed=suppressed)
-    assert torch.allclose(got["rollout_log_probs"], expected, atol=1e-5)
-    sampled = engine.generate(prompts.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
-    diff = (sampled["rollout_log_probs"] - _forward_log_probs(tiny.model, sampled, suppressed=suppressed)).abs().max()
-    assert diff < 1e-5, diff.item()
-    # New vision weights: the answers to the videos follow them (no stale encoder cache).
     state = {k: (v * 3 if "visual" in k and v.dim() > 1 else v) for k, v in tiny.model.state_dict().items()}
     engine.load_weights(state.items())
     changed = engine.generate(prompts.select(), greedy)
@@ -256,6 +230,28 @@ def test_video_prompts_equal_the_hf_engine_and_a_forward(video_model):
     expected = _forward_log_probs(changed_model, changed, suppressed=suppressed)
     assert torch.allclose(changed["rollout_log_probs"], expected, atol=1e-5)
     assert not torch.allclose(expected, _forward_log_probs(tiny.model, changed, suppressed=suppressed), atol=1e-3)
+
+
+def test_image_prompts_equal_the_hf_engine_and_use_synced_vision_weights(vl_model):
+    path, tiny = vl_model
+    prompts = _image_prompts(tiny)
+    engine = _engine(path, tiny)
+    greedy = _greedy_equals_hf_and_a_forward(engine, tiny, prompts)
+    _follows_new_vision_weights(engine, tiny, prompts, greedy)
+
+
+def test_video_prompts_equal_the_hf_engine_and_a_forward(video_model):
+    path, tiny = video_model
+    data = _video_data(tiny)
+    prompts = data.collate([data[0], data[1]])
+    assert data.media_per_row() == {"image": 1, "video": 1}
+    engine = _engine(path, tiny, limits=data.media_per_row())
+    greedy = _greedy_equals_hf_and_a_forward(engine, tiny, prompts)
+    sampled = engine.generate(prompts.select(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=2))
+    expected = _forward_log_probs(tiny.model, sampled, suppressed=list(engine.suppressed))
+    diff = (sampled["rollout_log_probs"] - expected).abs().max()
+    assert diff < 1e-5, diff.item()
+    _follows_new_vision_weights(engine, tiny, prompts, greedy)
 
 
 def test_long_video_differs_from_transformers_only_in_the_positions_after_it(video_model):

@@ -19,19 +19,12 @@ from safetensors.torch import load_file
 
 from mtrl.training.training_main import main
 from mtrl.utils.shapes_task import write_preference_pairs
-from shapes_assets import shapes_task, tiny_vl_model
+from shapes_assets import TEXT_VARYING_REWARD, shapes_task, tiny_vl_model
 
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
-# A reward with signal for an untrained model (varied over the responses of one prompt), so that the
-# policy-gradient terms are not all zero.
-REWARD_FN = '''
-def reward_function(data_dict):
-    response = str(data_dict.get("response") or "")
-    return (len(response) * 7 + sum(map(ord, response))) % 5 / 4.0
-'''
 
 # Metrics that must agree; timing, throughput and rank-balance statistics legitimately differ.
 COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/clipfrac", "actor/approx_kl", "actor/entropy",
@@ -75,7 +68,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("invariance")
     task = shapes_task()
-    (root / "reward.py").write_text(REWARD_FN)
+    (root / "reward.py").write_text(TEXT_VARYING_REWARD)
     write_preference_pairs(task, "train", out_path=str(root / "pairs.jsonl"))
     init_ray(num_cpus=6)
     yield root, task, tiny_vl_model()
