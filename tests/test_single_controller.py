@@ -222,22 +222,6 @@ def test_binding_custom_mode_and_name_clash():
         _InProcessGroup([Clashing()], Clashing)
 
 
-
-def test_shutdown_ray_waits_for_worker_groups_starting_in_the_background():
-    """A group's background start is finished before Ray goes down (its thread's later Ray calls would start a new
-    Ray); Ray not running makes the shutdown itself a no-op here."""
-    import threading
-    import time
-
-    from mtrl.single_controller.ray import shutdown_ray, start_in_background
-
-    release = threading.Event()
-    started = start_in_background(lambda: release.wait(30) and "group")
-    threading.Timer(0.3, release.set).start()
-    begin = time.perf_counter()
-    shutdown_ray()
-    assert started.done() and started.result() == "group" and time.perf_counter() - begin >= 0.25
-
 def test_colocated_class_exposes_prefixed_methods():
     fused = make_colocated_class({"actor": ActorRole, "critic": CriticRole})
     assert {"actor__identity", "actor__act", "critic__identity", "critic__update"} <= set(dir(fused))

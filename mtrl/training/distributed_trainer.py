@@ -13,15 +13,11 @@ The old log-probs + entropy come from the actor's own pass, or from the rollout 
 per rollout and nothing before the update reads them) from the update's forward, which then also computes the
 entropy and rollout-correction metrics and weights (`worker.actor.old_log_probs`, `_old_log_prob_source`).
 
-Start-up: the worker processes (and the reward actors) start in the background while this process plans the
-memory, loads the tokenizer and builds the datasets; `init_workers` then waits for them and builds the models.
-
 Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max) are made here,
 so results do not depend on the number of workers.
 """
 
 import time
-from concurrent.futures import Future
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -45,41 +41,19 @@ class DistributedTrainer(Trainer):
     """The RL trainer: the skeleton's loop (trainer_base.py) with generation, rewards and the PPO-style update."""
 
     def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
-        self.config = config
-        self.use_critic = self._uses_critic()
-        self.use_reference = self._uses_reference()
+        super().__init__(config, export_dir)
+        opt = config.optimization
+        image_processor = getattr(self.processor, "image_processor", None)
+        if opt.needs_perception_pass and image_processor is not None:  # fail here, not in a worker's first step
+            patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
+        self.rewards = self._build_rewards()
+        self.use_critic = opt.advantage_estimator == "gae" and not config.training.val_only
+        self.use_reference = not opt.disable_divergence and not config.training.val_only
+        self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
+                                                         opt.divergence_target, opt.divergence_horizon)
+        self.entropy_bonus = po.EntropyBonusController(opt.entropy_bonus_type, opt.entropy_bonus_coef,
+                                                       opt.entropy_target, opt.entropy_bonus_step)
         self.worker_group = None
-        # The worker processes start (Python, torch, the model's code: seconds) while this process plans the memory,
-        # loads the tokenizer and builds the datasets in the base constructor.
-        self._starting_group = self._start_worker_group() if self._group_known_from_config() else None
-        try:
-            super().__init__(config, export_dir)
-            opt = config.optimization
-            image_processor = getattr(self.processor, "image_processor", None)
-            if opt.needs_perception_pass and image_processor is not None:  # fail here, not in a worker's first step
-                patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
-            self.rewards = self._build_rewards()
-            self._start_rewards()
-            self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
-                                                             opt.divergence_target, opt.divergence_horizon)
-            self.entropy_bonus = po.EntropyBonusController(opt.entropy_bonus_type, opt.entropy_bonus_coef,
-                                                           opt.entropy_target, opt.entropy_bonus_step)
-        except BaseException:  # nothing will use the processes started for this trainer
-            self._stop_starting_group()
-            if getattr(self, "rewards", None) is not None:
-                self.rewards.shutdown()
-            raise
-
-    def _start_rewards(self) -> None:
-        """The reward actors' processes start now, alongside the workers' (the first step scores rewards)."""
-        if hasattr(self.rewards, "start"):
-            self.rewards.start()
-
-    def _uses_critic(self) -> bool:
-        return self.config.optimization.advantage_estimator == "gae" and not self.config.training.val_only
-
-    def _uses_reference(self) -> bool:
-        return not self.config.optimization.disable_divergence and not self.config.training.val_only
 
     def build_val_loader(self):
         d = self.config.dataset
@@ -124,31 +98,9 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ workers
 
-    def _group_known_from_config(self) -> bool:
-        """Whether the workers' group follows from the config alone: not with a reward model (its manager adds
-        the roles) nor when the vLLM engine's media limit is read from the datasets (`_media_per_prompt`)."""
-        w = self.config.worker
-        return w.reward.reward_type != "model" and not (w.rollout.name == "vllm" and not w.rollout.limit_mm_per_prompt)
-
-    def _start_worker_group(self) -> Future:
-        from mtrl.single_controller.ray import start_in_background
-
-        return start_in_background(self._create_worker_group)
-
-    def _stop_starting_group(self) -> None:
-        """Stop the workers started for a trainer that will not use them (its construction failed). Waits for them
-        to finish starting: a Ray call the background thread made after Ray was shut down would start a new Ray."""
-        started, self._starting_group = self._starting_group, None
-        if started is not None:
-            try:
-                started.result().shutdown()
-            except Exception:  # its own failure; the trainer's error is the one to report
-                pass
-
-    def _create_worker_group(self, extra_roles: Optional[Dict[str, Any]] = None):
-        """One colocated worker process per device with the actor (and critic, and `extra_roles`) roles."""
-        from mtrl.single_controller.ray import (RayClassWithInitArgs, RayResourcePool, RayWorkerGroup,
-                                                create_colocated_worker_cls)
+    def init_workers(self) -> None:
+        from mtrl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup, \
+            create_colocated_worker_cls
         from mtrl.workers.actor.actor_worker import ActorRolloutRefWorker
 
         t = self.config.training
@@ -165,16 +117,9 @@ class DistributedTrainer(Trainer):
         if self.use_critic:
             from mtrl.workers.critic.critic_worker import CriticWorker
             roles["critic"] = RayClassWithInitArgs(CriticWorker, run_config)
-        roles.update(extra_roles or {})
-        return RayWorkerGroup(self.pool, create_colocated_worker_cls(roles))
-
-    def init_workers(self) -> None:
-        if self._starting_group is not None:
-            self.worker_group = self._starting_group.result()
-            self._starting_group = None
-        else:  # reward_type=model: the reward model's roles join the actor's
-            self.worker_group = self._create_worker_group(getattr(self.rewards, "worker_roles", dict)())
-        self.groups = self.worker_group.spawn()
+        roles.update(getattr(self.rewards, "worker_roles", dict)())  # reward_type=model: the reward model
+        self.worker_group = RayWorkerGroup(self.pool, create_colocated_worker_cls(roles))
+        self.groups = self.worker_group.spawn(list(roles))
         if hasattr(self.rewards, "attach"):
             self.rewards.attach(self.groups)
         self.actor_wg = self.groups["actor"]
@@ -196,7 +141,6 @@ class DistributedTrainer(Trainer):
         return groups
 
     def shutdown_workers(self) -> None:
-        self._stop_starting_group()
         self.rewards.shutdown()
         if self.worker_group is not None:
             self.worker_group.shutdown()

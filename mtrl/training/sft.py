@@ -19,10 +19,11 @@ lengths, and `val/*` from validation.
 """
 
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 from mtrl.protocol import DataBatch
 from mtrl.training.distributed_trainer import DistributedTrainer, length_metrics, mean_over_ranks, throughput_metrics
+from mtrl.training.training_config import MTRLConfig
 from mtrl.utils.data_mixing import build_mixed_dataset
 from mtrl.utils.logger import get_logger
 from mtrl.utils.sft_dataset import build_sft_dataset
@@ -42,14 +43,10 @@ class NoRewards:
 
 
 class SFTTrainer(DistributedTrainer):
-    def _uses_reference(self) -> bool:
-        return False
-
-    def _uses_critic(self) -> bool:
-        return False
-
-    def _start_rewards(self) -> None:
-        pass  # they score validation only: their actors start when it first runs
+    def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
+        super().__init__(config, export_dir)
+        self.use_reference = False
+        self.use_critic = False
 
     def build_train_loader(self):
         d = self.config.dataset

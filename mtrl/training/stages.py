@@ -221,7 +221,7 @@ def run_stages(config: MTRLConfig) -> int:
     """Run every unfinished stage in order on one Ray runtime. Returns the process exit code."""
     import ray
 
-    from mtrl.single_controller.ray import init_ray, shutdown_ray
+    from mtrl.single_controller.ray import init_ray
     from mtrl.training.trainer_base import run_training
 
     stages = resolve_stages(config)
@@ -260,7 +260,7 @@ def run_stages(config: MTRLConfig) -> int:
         return 0
     finally:
         if started_ray:
-            shutdown_ray()
+            ray.shutdown()
 
 
 def run(config: MTRLConfig) -> int:

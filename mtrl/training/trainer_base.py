@@ -1,7 +1,6 @@
 """The trainer skeleton every training mode shares: set-up, the fit loop, checkpoints, export, shutdown.
 
-    Trainer(config, export_dir)          memory check, run folder, tokenizer / processor, data loaders, tracker
-                                         (the RL trainer has started its workers before: they start meanwhile)
+    Trainer(config, export_dir)          run folder, tokenizer / processor, data loaders, tracker
       fit()                              init_workers -> resume -> [validate] -> for each step:
                                          train_step, validate / save at their frequencies, log,
                                          stop on a signal -> export at the end
@@ -83,9 +82,6 @@ class Trainer:
         self.config = config
         self.export_dir = export_dir  # where `fit` writes the trained model as a Hugging Face folder, if set
         self.run_dir = config.training.run_dir
-        from mtrl.tools.memory_plan import check_memory_at_startup  # noqa: PLC0415
-
-        check_memory_at_startup(config, on_gpu=uses_gpu(config.training))
         self.tokenizer, self.processor, self.model_config = open_run(config)
         self.val_loader = self.build_val_loader()
         self.train_loader = None if config.training.val_only else self.build_train_loader()
@@ -300,7 +296,7 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
     import ray
 
     from mtrl.single_controller import WorkerDiedError
-    from mtrl.single_controller.ray import init_ray, shutdown_ray
+    from mtrl.single_controller.ray import init_ray
 
     started_ray = not ray.is_initialized()
     init_ray(num_cpus=max(4, config.training.world_size + config.worker.reward.num_cpus + 1))
@@ -310,6 +306,9 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
             try:
                 ensure_builtin_assets(config)
                 absolutize_paths(config)
+                from mtrl.tools.memory_plan import check_memory_at_startup  # noqa: PLC0415
+
+                check_memory_at_startup(config, on_gpu=uses_gpu(config.training))
                 trainer = trainer_cls(config)
                 trainer.stop = stop
                 final = trainer.fit()
@@ -326,7 +325,7 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
                 if trainer is not None:
                     trainer.shutdown()
                 if started_ray:
-                    shutdown_ray()
+                    ray.shutdown()
     except StopRequested as stopped:  # a second signal during the shutdown above
         print(f"mtrl: {stopped}", file=sys.stderr)
         return stopped.exit_code

@@ -7,8 +7,6 @@ from mtrl.single_controller.ray.base import (
     RayWorkerGroup,
     create_colocated_worker_cls,
     init_ray,
-    shutdown_ray,
-    start_in_background,
 )
 
 __all__ = [
@@ -18,6 +16,4 @@ __all__ = [
     "RayWorkerGroup",
     "create_colocated_worker_cls",
     "init_ray",
-    "shutdown_ray",
-    "start_in_background",
 ]

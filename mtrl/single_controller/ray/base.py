@@ -5,9 +5,6 @@
     group = RayWorkerGroup(pool, RayClassWithInitArgs(MyWorker, config))
     group.some_registered_method(batch)        # dispatched per the method's @register mode
     group.shutdown()
-    starting = start_in_background(lambda: RayWorkerGroup(pool, ...))   # other work meanwhile
-    group = starting.result()
-    shutdown_ray()                              # ray.shutdown() once background starts are done
 
 Colocated roles (one process per device holding several workers):
 
@@ -33,8 +30,7 @@ created with that address.
 
 import os
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -55,10 +51,6 @@ DEFAULT_WORKER_ENV = {
 # The object store of a local Ray started by init_ray, unless given: big enough for batches with
 # images, small enough for a shared machine (Ray's own default is 30% of RAM, as /dev/shm).
 DEFAULT_OBJECT_STORE_MEMORY = 2 * 1024**3
-# A local Ray started by init_ray: no idle worker processes started ahead for the driver (Ray's default starts
-# one per CPU). Every MTRL actor has a runtime_env of its own (per-rank variables; the reward actors' PYTHONPATH),
-# which such a process cannot take, so they only took CPU from the start-up of the processes that are used.
-LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 PLACEMENT_GROUP_TIMEOUT_S = 300.0
 
 
@@ -68,8 +60,7 @@ def init_ray(num_cpus: Optional[int] = None, object_store_memory: Optional[int] 
 
     With RAY_ADDRESS set (e.g. `auto` or `ray://head:10001`), join that cluster -- the multi-node case;
     its resources are the cluster's. Otherwise start a local Ray without dashboard, with `num_cpus`
-    logical CPUs (may exceed the physical cores: workers mostly wait), a small object store and no idle
-    worker processes started ahead (LOCAL_SYSTEM_CONFIG).
+    logical CPUs (may exceed the physical cores: workers mostly wait) and a small object store.
     `env_vars` reach every worker process of the job (merged under the per-actor variables).
     """
     if ray.is_initialized():
@@ -85,32 +76,9 @@ def init_ray(num_cpus: Optional[int] = None, object_store_memory: Optional[int] 
     else:
         # address="local": always a new private cluster. Without it ray.init() attaches to any cluster
         # a `ray start` left running on this machine (and then rejects num_cpus).
-        system_config = {**LOCAL_SYSTEM_CONFIG, **ray_init_kwargs.pop("_system_config", {})}
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
                  object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_MEMORY,
-                 runtime_env=runtime_env, _system_config=system_config, **ray_init_kwargs)
-
-
-# Worker groups being created in background threads (start_in_background), until they are started.
-_STARTING: Set[Future] = set()
-
-
-def start_in_background(create: Callable[[], "RayWorkerGroup"]) -> Future:
-    """Run `create` (which makes a worker group: mostly waiting for its processes to start) in a background thread,
-    so this process can do other work meanwhile; the future's `result()` is the group."""
-    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl-start-workers")
-    started = thread.submit(create)
-    thread.shutdown(wait=False)
-    _STARTING.add(started)
-    started.add_done_callback(_STARTING.discard)
-    return started
-
-
-def shutdown_ray() -> None:
-    """`ray.shutdown()`, once the worker groups starting in the background are started: a Ray call their thread
-    made after the shutdown would start a new local Ray. The shutdown stops their workers."""
-    wait(list(_STARTING))
-    ray.shutdown()
+                 runtime_env=runtime_env, **ray_init_kwargs)
 
 
 # ---------------------------------------------------------------------- resources
