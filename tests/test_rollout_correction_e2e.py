@@ -13,7 +13,8 @@ import math
 
 import pytest
 from test_end_to_end import run_cli
-from test_policy_losses_e2e import FAST, TEXT_REWARD
+from shapes_assets import TEXT_VARYING_REWARD
+from test_policy_losses_e2e import FAST
 
 # largest mean |diff|, largest max |diff|, largest k3 KL allowed: a few times what was measured
 BOUNDS = (0.05, 0.1, 1e-3)
@@ -23,7 +24,7 @@ BOUNDS = (0.05, 0.1, 1e-3)
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_quickstart_rl_with_tis_logs_the_mismatch(tmp_path, dtype):
     reward = tmp_path / "text_reward.py"
-    reward.write_text(TEXT_REWARD)
+    reward.write_text(TEXT_VARYING_REWARD)
     _, rows = run_cli(tmp_path, f"tis_{dtype}", "optimization.rollout_correction=tis",
                       f"worker.actor.fsdp.mixed_precision_dtype={dtype}", *FAST,
                       f"worker.reward.reward_fn_path={reward}", steps=2)

@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from shapes_assets import TEXT_VARYING_REWARD  # noqa: E402
 from test_end_to_end import run_cli  # noqa: E402
-from test_policy_losses_e2e import TEXT_REWARD  # noqa: E402
 
 from mtrl.models.tiny import build_tiny_model  # noqa: E402
 from mtrl.utils.shapes_task import task_corpus  # noqa: E402
@@ -25,7 +25,7 @@ def workdir(tmp_path_factory):
     build_tiny_model("qwen2_vl", workdir / "outputs" / "quickstart" / "tiny_qwen2_vl", corpus=task_corpus("easy"),
                      hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
     # The untrained model scores 0 on every answer: a reward that varies with the text gives non-zero advantages.
-    (workdir / "text_reward.py").write_text(TEXT_REWARD)
+    (workdir / "text_reward.py").write_text(TEXT_VARYING_REWARD)
     return workdir
 
 
