@@ -42,6 +42,7 @@ from compare_trl import BIG_SIZES, RESULTS  # noqa: E402 (the one home of the ~3
 
 from mtrl.models.attention import enable_padding_free_attention  # noqa: E402
 from mtrl.models.packing import forward_micro_batch  # noqa: E402
+from mtrl.models.shared_prompts import forward_shared_prompts, shared_prompt_plan  # noqa: E402
 from mtrl.models.tiny import make_tiny_model  # noqa: E402
 from mtrl.utils.rope import compute_position_ids  # noqa: E402
 
@@ -113,8 +114,12 @@ def model_flops(model, tensors, response_length: int) -> Dict[str, float]:
             "padded_tokens": mask.numel()}
 
 
-def update_step(model, optimizer, tensors, mm, T: int, padding_free: bool) -> None:
-    out = forward_micro_batch(model, tensors, mm, T, padding_free=padding_free, return_entropy=True)
+def update_step(model, optimizer, tensors, mm, T: int, path: str) -> None:
+    if path == "shared_prompts":
+        out = forward_shared_prompts(model, tensors, mm, T, shared_prompt_plan(tensors, mm, T, padding_free=True),
+                                     return_entropy=True)
+    else:
+        out = forward_micro_batch(model, tensors, mm, T, padding_free=path == "padding_free", return_entropy=True)
     mask = tensors["attention_mask"][:, -T:]
     loss = -(out["log_probs"] * mask).sum() / mask.sum()  # token-mean policy-gradient loss, advantage 1
     loss.backward()
@@ -143,14 +148,14 @@ def main(argv=None) -> int:
     flops = model_flops(model, tensors, T)
     peak_before = matmul_peak()
 
-    paths = {"padding_free": True, "padded": False}
+    paths = ("padding_free", "padded", "shared_prompts")
     times: Dict[str, Dict[str, List[float]]] = {name: {"wall_s": [], "cpu_s": []} for name in paths}
-    for pf in paths.values():  # warm-up (allocator, AdamW state)
-        update_step(model, optimizer, tensors, mm, T, pf)
+    for name in paths:  # warm-up (allocator, AdamW state)
+        update_step(model, optimizer, tensors, mm, T, name)
     for _ in range(args.repeats):
-        for name, pf in paths.items():
+        for name in paths:
             wall, cpu = time.perf_counter(), time.process_time()
-            update_step(model, optimizer, tensors, mm, T, pf)
+            update_step(model, optimizer, tensors, mm, T, name)
             times[name]["wall_s"].append(time.perf_counter() - wall)
             times[name]["cpu_s"].append(time.process_time() - cpu)
     peak_after = matmul_peak()
@@ -185,9 +190,9 @@ def main(argv=None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-        for name, pf in paths.items():
+        for name in paths:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                update_step(model, optimizer, tensors, mm, T, pf)
+                update_step(model, optimizer, tensors, mm, T, name)
             print(f"=== {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     return 0
 

@@ -15,6 +15,7 @@ from torch import nn
 from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
 from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
+from mtrl.models.shared_prompts import forward_shared_prompts, shared_prompt_plan
 from mtrl.models.ulysses import SequenceParallel, check_heads_divisible, install_sequence_parallel
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
@@ -115,6 +116,8 @@ class ParallelPolicyAgent:
         self.optimizer = optimizer
         self.skipped_updates = SkippedUpdates("actor")
         self.sp = use_sequence_parallel(model, sequence_parallel)
+        # Checkpointed layers drop the key/value cache in training, which the shared-prompt forward needs.
+        self._checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
     # ------------------------------------------------------------------ forward passes
 
@@ -125,12 +128,18 @@ class ParallelPolicyAgent:
         vision = mb.non_tensors.get("multi_modal_inputs")
         if vision is not None and transform_vision is not None:
             vision = transform_vision(list(vision), mb)
+        vision = None if vision is None else list(vision)
+        response_length = mb.tensors["responses"].shape[1]
+        outputs = dict(temperature=temperature, return_entropy=return_entropy or entropy_bonus,
+                       entropy_grad=entropy_bonus, return_logits=return_logits)
+        plan = None
+        if self.config.share_prompts and self.sp.size == 1 and not (self.model.training and self._checkpointed):
+            plan = shared_prompt_plan(tensors, vision, response_length, self.config.padding_free)
+        if plan is not None:
+            return forward_shared_prompts(self.model, tensors, vision, response_length, plan, **outputs)
         with self.sp.active():
-            return forward_micro_batch(self.model, tensors, None if vision is None else list(vision),
-                                       response_length=mb.tensors["responses"].shape[1], temperature=temperature,
-                                       padding_free=self.config.padding_free,
-                                       return_entropy=return_entropy or entropy_bonus, entropy_grad=entropy_bonus,
-                                       return_logits=return_logits)
+            return forward_micro_batch(self.model, tensors, vision, response_length=response_length,
+                                       padding_free=self.config.padding_free, **outputs)
 
     @torch.no_grad()
     def compute_log_probs(self, batch: DataBatch, temperature: float, return_entropy: bool = False,

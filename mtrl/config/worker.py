@@ -97,6 +97,11 @@ class ActorConfig(TrainedRoleConfig):
     # during generation (same weights and compute dtype; within 1e-5 of the actor's in fp32; no LoRA), and
     # the pass never runs: verl's "bypass mode", but with the policy's own distribution, not the sampling one.
     old_log_probs: str = "auto"
+    # Each distinct prompt of a micro-batch (a GRPO group's rows share theirs) runs once through the model,
+    # images included, and its key/value cache is copied to its responses (mtrl.models.shared_prompts; same
+    # numbers and gradients). Taken per micro-batch when it computes under 80% of the tokens; not in the
+    # update with gradient checkpointing (which turns the cache off) nor with Ulysses.
+    share_prompts: bool = True
 
 
 @dataclass

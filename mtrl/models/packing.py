@@ -22,7 +22,9 @@ Position ids of the packed row (what the models in transformers 5 expect):
   attention can also find the sequence boundaries from the text positions.
 
 Public API: :class:`PackedInputs`, :func:`pack_padded`, :func:`unpack`,
-:func:`model_position_ids`, :func:`forward_micro_batch`.
+:func:`model_position_ids`, :func:`forward_micro_batch`, and the pieces
+:mod:`mtrl.models.shared_prompts` builds on: :func:`response_targets`, :func:`vision_kwargs`,
+:func:`head_outputs`, :func:`scatter_response`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 from mtrl.models.attention import CU_SEQLENS_KWARG, MAX_SEQLEN_KWARG, padding_free_attention_enabled
 from mtrl.models.multimodal import batch_multimodal_inputs, is_vision_config, mm_token_type_ids
 
-__all__ = ["PackedInputs", "pack_padded", "unpack", "model_position_ids", "forward_micro_batch"]
+__all__ = ["PackedInputs", "pack_padded", "unpack", "model_position_ids", "forward_micro_batch", "response_targets",
+           "vision_kwargs", "head_outputs", "scatter_response"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +184,7 @@ def _check_varlen_attention(model: torch.nn.Module) -> None:
         )
 
 
-def _response_targets(attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+def response_targets(attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
     """(B, R) bool: response positions holding a real token (those get log-probs / values)."""
     if not 0 < response_length < attention_mask.shape[1]:
         raise ValueError(
@@ -198,7 +201,7 @@ def _response_targets(attention_mask: torch.Tensor, response_length: int) -> tor
     return valid
 
 
-def _vision_kwargs(model: torch.nn.Module, multi_modal_inputs: Optional[List[dict]], input_ids: torch.Tensor) -> dict:
+def vision_kwargs(model: torch.nn.Module, multi_modal_inputs: Optional[List[dict]], input_ids: torch.Tensor) -> dict:
     """Flatten per-row vision inputs (row order) and add ``mm_token_type_ids`` for Qwen-VL models."""
     config = model.config
     kwargs = batch_multimodal_inputs(multi_modal_inputs, device=input_ids.device)
@@ -211,7 +214,7 @@ def _vision_kwargs(model: torch.nn.Module, multi_modal_inputs: Optional[List[dic
     return kwargs
 
 
-def _head_outputs(
+def head_outputs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
@@ -251,7 +254,7 @@ def _value_output(output: Any) -> torch.Tensor:
     return values if isinstance(values, torch.Tensor) else output.logits
 
 
-def _scatter_response(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def scatter_response(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(N, ...) values of the valid response positions -> (B, R, ...) with zeros elsewhere."""
     out = values.new_zeros((*valid.shape, *values.shape[1:]))
     return out.index_put(tuple(torch.nonzero(valid, as_tuple=True)), values)
@@ -300,7 +303,7 @@ def forward_micro_batch(
     attention_mask = micro_batch["attention_mask"]
     position_ids = micro_batch.get("position_ids")
     batch_size, seq_len = input_ids.shape
-    valid = _response_targets(attention_mask, response_length)  # (B, R)
+    valid = response_targets(attention_mask, response_length)  # (B, R)
 
     # Flat (B * L) positions of the valid response tokens, and of the tokens predicting them.
     rows, cols = torch.nonzero(valid, as_tuple=True)
@@ -316,7 +319,7 @@ def forward_micro_batch(
         packed_index = torch.cumsum(attention_mask.reshape(-1).long(), 0) - 1
         keep = packed_index[predict_flat]
         forward_kwargs.update(packed.attention_kwargs())
-        vision = _vision_kwargs(model, multi_modal_inputs, packed.input_ids)
+        vision = vision_kwargs(model, multi_modal_inputs, packed.input_ids)
         if position_ids is None and ("image_grid_thw" in vision or "video_grid_thw" in vision):
             # The model would compute mRoPE ids for the packed row as if it were one sequence.
             raise ValueError("padding-free forwards with images/videos need the batch's mRoPE position_ids")
@@ -324,7 +327,7 @@ def forward_micro_batch(
         model_inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
     else:
         keep = predict_flat  # rows of the flattened (B * L) output
-        forward_kwargs.update(_vision_kwargs(model, multi_modal_inputs, input_ids))
+        forward_kwargs.update(vision_kwargs(model, multi_modal_inputs, input_ids))
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if position_ids is not None:
             model_inputs["position_ids"] = model_position_ids(position_ids)
@@ -334,7 +337,7 @@ def forward_micro_batch(
         if values.shape[-1] != 1:
             raise ValueError(f"value_head=True expects a last output dim of 1, got {tuple(values.shape)}")
         values = values.reshape(-1)[keep]  # (N,): works for (1, T, 1) and (B, L, 1) alike
-        return {"values": _scatter_response(values.float(), valid)}
+        return {"values": scatter_response(values.float(), valid)}
 
     if padding_free:
         # Only project the needed positions onto the vocabulary: (1, N, V).
@@ -343,5 +346,5 @@ def forward_micro_batch(
         # The last R + 1 positions contain every predicting position (L - R - 1 ... L - 2).
         logits = model(**model_inputs, **forward_kwargs, logits_to_keep=response_length + 1).logits
         logits = logits[rows, cols]  # position L - R - 1 + c of row r sits at index c of the kept window
-    outputs = _head_outputs(logits, labels, temperature, return_entropy, return_logits, entropy_grad)
-    return {key: _scatter_response(value, valid) for key, value in outputs.items()}
+    outputs = head_outputs(logits, labels, temperature, return_entropy, return_logits, entropy_grad)
+    return {key: scatter_response(value, valid) for key, value in outputs.items()}
