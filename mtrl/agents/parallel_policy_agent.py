@@ -15,7 +15,12 @@ from torch import nn
 from mtrl.agents.optimizer_step import SkippedUpdates, clipped_optimizer_step
 from mtrl.config.worker import ActorConfig
 from mtrl.models.packing import forward_micro_batch
-from mtrl.models.shared_prompts import forward_shared_prompts, shared_prompt_plan
+from mtrl.models.shared_prompts import (
+    can_share_prompts,
+    forward_shared_prompts,
+    keep_cache_under_checkpointing,
+    shared_prompt_plan,
+)
 from mtrl.models.ulysses import SequenceParallel, check_heads_divisible, install_sequence_parallel
 from mtrl.optimization import policy_optimization as po
 from mtrl.optimization.config import OptimizationConfig
@@ -26,23 +31,35 @@ from mtrl.utils.seqlen_balancing import micro_batches_by_token_budget, num_micro
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
 
 
-def make_micro_batches(batch: DataBatch, micro_batch_size: int, dynamic: bool,
-                       max_token_len: int) -> List[Tuple[DataBatch, List[int]]]:
+def make_micro_batches(batch: DataBatch, micro_batch_size: int, dynamic: bool, max_token_len: int,
+                       keep_groups: bool = False) -> List[Tuple[DataBatch, List[int]]]:
     """Micro-batches with the row indices they hold: fixed size, or by a token budget (dynamic batching).
 
     Under FSDP every rank must run the same number of forward passes (each one all-gathers
     parameters), so with dynamic batching all ranks use the largest micro-batch count of any rank.
     The controller gives every rank the same number of rows, so fixed sizes already agree.
+    `keep_groups`: the token budget is filled with whole groups (rows of one `uid`: one prompt's
+    responses), so that a shared-prompt forward finds them together.
     """
-    if dynamic:
-        lengths = batch.tensors["attention_mask"].sum(-1).tolist()
-        count = torch.tensor(num_micro_batches_by_token_budget(lengths, max_token_len))
-        if dist.is_initialized():
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        groups = micro_batches_by_token_budget(lengths, max_token_len, min_num_micro_batches=int(count))
-    else:
+    if not dynamic:
         groups = [list(range(i, min(i + micro_batch_size, len(batch))))
                   for i in range(0, len(batch), micro_batch_size)]
+        return [(batch.index(g), g) for g in groups]
+    lengths = batch.tensors["attention_mask"].sum(-1).tolist()
+    units = [[i] for i in range(len(batch))]
+    if keep_groups and "uid" in batch.non_tensors:
+        by_uid: Dict[object, List[int]] = {}
+        for i, uid in enumerate(batch.non_tensors["uid"]):
+            by_uid.setdefault(uid, []).append(i)
+        units = list(by_uid.values())
+    unit_lengths = [sum(lengths[i] for i in unit) for unit in units]
+    count = torch.tensor(num_micro_batches_by_token_budget(unit_lengths, max_token_len))
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if int(count) > len(units):  # another rank needs more micro-batches than this one has groups
+        units, unit_lengths = [[i] for i in range(len(batch))], lengths
+    parts = micro_batches_by_token_budget(unit_lengths, max_token_len, min_num_micro_batches=int(count))
+    groups = [sorted(i for u in part for i in units[u]) for part in parts]
     return [(batch.index(g), g) for g in groups]
 
 
@@ -116,8 +133,9 @@ class ParallelPolicyAgent:
         self.optimizer = optimizer
         self.skipped_updates = SkippedUpdates("actor")
         self.sp = use_sequence_parallel(model, sequence_parallel)
-        # Checkpointed layers drop the key/value cache in training, which the shared-prompt forward needs.
-        self._checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        self.share_prompts = config.share_prompts and self.sp.size == 1 and can_share_prompts(model)
+        if self.share_prompts:
+            keep_cache_under_checkpointing(model)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -133,7 +151,7 @@ class ParallelPolicyAgent:
         outputs = dict(temperature=temperature, return_entropy=return_entropy or entropy_bonus,
                        entropy_grad=entropy_bonus, return_logits=return_logits)
         plan = None
-        if self.config.share_prompts and self.sp.size == 1 and not (self.model.training and self._checkpointed):
+        if self.share_prompts:
             plan = shared_prompt_plan(tensors, vision, response_length, self.config.padding_free)
         if plan is not None:
             return forward_shared_prompts(self.model, tensors, vision, response_length, plan, **outputs)
@@ -149,7 +167,8 @@ class ParallelPolicyAgent:
         outputs: Dict[str, List[torch.Tensor]] = {}
         order: List[int] = []
         for mb, rows in make_micro_batches(batch, self.config.micro_batch_size_per_device_for_experience,
-                                           self.config.dynamic_batching, self.config.max_token_len_per_device):
+                                           self.config.dynamic_batching, self.config.max_token_len_per_device,
+                                           keep_groups=self.share_prompts):
             for member_mb, mine in self.sp.each_member(mb):
                 out = self._forward(member_mb, temperature, return_entropy=return_entropy,
                                     transform_vision=transform_vision)
@@ -167,7 +186,8 @@ class ParallelPolicyAgent:
         self.model.eval()
         scores, order = [], []
         for mb, rows in make_micro_batches(batch, self.config.micro_batch_size_per_device_for_experience,
-                                           self.config.dynamic_batching, self.config.max_token_len_per_device):
+                                           self.config.dynamic_batching, self.config.max_token_len_per_device,
+                                           keep_groups=self.share_prompts):
             for member_mb, mine in self.sp.each_member(mb):
                 clean = self._forward(member_mb, temperature, return_logits=True)
                 perturbed = self._forward(member_mb, temperature, return_logits=True,
@@ -222,7 +242,8 @@ class ParallelPolicyAgent:
                 mini_metrics: Dict[str, float] = {}
                 mini_maxima: Dict[str, float] = {}
                 for mb, _ in make_micro_batches(mini, cfg.micro_batch_size_per_device_for_update,
-                                                cfg.dynamic_batching, cfg.max_token_len_per_device):
+                                                cfg.dynamic_batching, cfg.max_token_len_per_device,
+                                                keep_groups=self.share_prompts):
                     for member_mb, _ in self.sp.each_member(mb):
                         loss, micro_metrics = self._micro_batch_loss(member_mb, temperature, opt, norm)
                         # Every rank of a sequence-parallel group holds the member's whole loss: 1/sp each.

@@ -99,8 +99,8 @@ class ActorConfig(TrainedRoleConfig):
     old_log_probs: str = "auto"
     # Each distinct prompt of a micro-batch (a GRPO group's rows share theirs) runs once through the model,
     # images included, and its key/value cache is copied to its responses (mtrl.models.shared_prompts; same
-    # numbers and gradients). Taken per micro-batch when it computes under 80% of the tokens; not in the
-    # update with gradient checkpointing (which turns the cache off) nor with Ulysses.
+    # numbers and gradients). Taken per micro-batch when it computes under 80% of the tokens; not with
+    # Ulysses, nor on sliding-window / linear-attention models.
     share_prompts: bool = True
 
 

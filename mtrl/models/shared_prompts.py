@@ -12,9 +12,10 @@ are an index into the stage-1 keys/values, so each response's gradient flows bac
 Work drops from sum(Lp + R) tokens to P' x Lp + B x R' (R' the micro-batch's longest response),
 and the vision tower encodes P' instead of B images.
 
-It needs the model's own cache to be used in training, so not with activation checkpointing (which
-turns the cache off inside checkpointed layers); :func:`shared_prompt_plan` decides, per micro-batch,
-whether it applies and saves work.
+The caches of both stages are functional (a layer's call returns the same keys and values however
+often it runs), so activation checkpointing, which runs each layer again in the backward pass, works
+too once :func:`keep_cache_under_checkpointing` has been applied. :func:`shared_prompt_plan` decides, per
+micro-batch, whether sharing applies and saves work.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from mtrl.models.packing import head_outputs, model_position_ids, response_targets, scatter_response, vision_kwargs
 
-__all__ = ["SharedPrompts", "prompt_groups", "shared_prompt_plan", "forward_shared_prompts"]
+__all__ = ["SharedPrompts", "can_share_prompts", "keep_cache_under_checkpointing", "prompt_groups",
+           "shared_prompt_plan", "forward_shared_prompts"]
 
 # The shared forward is two model calls instead of one: take it only when it computes clearly fewer tokens.
 MIN_TOKEN_SAVING = 0.8
@@ -42,6 +45,48 @@ class SharedPrompts:
     group: torch.Tensor
     prompt_start: int
     response_width: int
+
+
+class _PromptLayer(DynamicLayer):
+    """Stage 1: the prompt's keys and values as computed; a recomputed layer replaces them with equal ones
+    (a `DynamicLayer` would append them)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class _ResponseLayer(DynamicLayer):
+    """Stage 2: each response's copy of its prompt's keys and values in front of its own, never stored."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+
+def can_share_prompts(model: torch.nn.Module) -> bool:
+    """Whether every layer's cache is plain keys and values (not sliding-window or linear attention)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+def keep_cache_under_checkpointing(model: torch.nn.Module) -> None:
+    """Let checkpointed decoder layers take a cache in training: transformers drops it there because a
+    `DynamicLayer` would append the recomputed keys again, which the functional layers above do not."""
+    for module in model.modules():
+        if hasattr(module, "_can_checkpoint_with_cache"):
+            module._can_checkpoint_with_cache = True
+
+
+def _cache(model: torch.nn.Module, layers: List[DynamicLayer]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    cache.layers = layers
+    return cache
 
 
 def _same_vision(a: Optional[dict], b: Optional[dict]) -> bool:
@@ -107,25 +152,27 @@ def forward_shared_prompts(model: torch.nn.Module, micro_batch: Dict[str, torch.
     first, group = plan.first_rows.to(input_ids.device), plan.group.to(input_ids.device)
 
     # Stage 1: the distinct prompts, with their images; the last position predicts the first response token.
+    # (The layers use `past_key_values` whatever `use_cache` says; False only stops transformers returning it
+    # and warning about it under activation checkpointing.)
     prompt_ids = input_ids[first, plan.prompt_start:prompt_end]
     prompt_mask = attention_mask[first, plan.prompt_start:prompt_end]
-    cache = DynamicCache(config=model.config)
+    cache = _cache(model, [_PromptLayer() for _ in DynamicCache(config=model.config).layers])
     vision = None if multi_modal_inputs is None else [multi_modal_inputs[int(i)] for i in plan.first_rows]
     first_logits = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=model_position_ids(position_ids[first, ..., plan.prompt_start:prompt_end]),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         past_key_values=cache, use_cache=False, logits_to_keep=1,
                          **vision_kwargs(model, vision, prompt_ids)).logits[:, -1]  # (P', V)
 
     # Stage 2: every response on its prompt's cache; position c predicts response token c + 1.
     rows, cols = torch.nonzero(valid, as_tuple=True)
     picks = [first_logits[group[rows[cols == 0]]]]
     if plan.response_width > 1:
-        cache.batch_select_indices(group)
+        cache = _cache(model, [_ResponseLayer(layer.keys[group], layer.values[group]) for layer in cache.layers])
         response_ids = input_ids[:, prompt_end:response_end - 1]
         mask = torch.cat([prompt_mask[group], attention_mask[:, prompt_end:response_end - 1]], 1)
         logits = model(input_ids=response_ids, attention_mask=mask,
                        position_ids=model_position_ids(position_ids[..., prompt_end:response_end - 1]),
-                       past_key_values=cache, use_cache=True).logits  # (B, R' - 1, V)
+                       past_key_values=cache, use_cache=False).logits  # (B, R' - 1, V)
         later = cols > 0
         picks.append(logits[rows[later], cols[later] - 1])
     else:

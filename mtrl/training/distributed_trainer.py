@@ -157,7 +157,10 @@ class DistributedTrainer(Trainer):
         batch.meta.update(global_step=self.global_step, n=rollout.n, temperature=rollout.temperature)
         # One dispatch order for every pass of the step: each rank's rows are its share of every actor
         # update mini-batch (and token-balanced), so neither passes nor update depend on the worker count.
-        order = self._rank_order(batch, self.config.worker.actor.global_batch_size * rollout.n, metrics=metrics)
+        # With shared-prompt forwards a prompt's responses stay on one rank (rows of a prompt are consecutive).
+        actor, world = self.config.worker.actor, self.config.training.world_size
+        group = rollout.n if actor.share_prompts and actor.global_batch_size % world == 0 else 1
+        order = self._rank_order(batch, actor.global_batch_size * rollout.n, group_size=group, metrics=metrics)
 
         source = self._old_log_prob_source(batch)
         if source == "recompute":
