@@ -150,14 +150,23 @@ class ParallelPolicyAgent:
         response_length = mb.tensors["responses"].shape[1]
         outputs = dict(temperature=temperature, return_entropy=return_entropy or entropy_bonus,
                        entropy_grad=entropy_bonus, return_logits=return_logits)
-        plan = None
-        if self.share_prompts:
-            plan = shared_prompt_plan(tensors, vision, response_length, self.config.padding_free)
+        plan = self._shared_prompt_plan(tensors, vision, response_length) if self.share_prompts else None
         if plan is not None:
             return forward_shared_prompts(self.model, tensors, vision, response_length, plan, **outputs)
         with self.sp.active():
             return forward_micro_batch(self.model, tensors, vision, response_length=response_length,
                                        padding_free=self.config.padding_free, **outputs)
+
+    def _shared_prompt_plan(self, tensors: Dict[str, torch.Tensor], vision: Optional[List[dict]],
+                            response_length: int):
+        """The micro-batch's plan, taken only when every rank takes one: FSDP all-gathers at each model call,
+        and the shared forward makes two calls where the plain one makes one."""
+        plan = shared_prompt_plan(tensors, vision, response_length, self.config.padding_free)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            every_rank = torch.tensor(int(plan is not None), device=self.device)
+            dist.all_reduce(every_rank, op=dist.ReduceOp.MIN)
+            plan = plan if int(every_rank) else None
+        return plan
 
     @torch.no_grad()
     def compute_log_probs(self, batch: DataBatch, temperature: float, return_entropy: bool = False,

@@ -128,7 +128,9 @@ def shared_prompt_plan(micro_batch: Dict[str, torch.Tensor], multi_modal_inputs:
         return None
     prompt_len = seq_len - response_length
     prompt_start = int(attention_mask[first_rows, :prompt_len].bool().any(0).int().argmax())
-    response_width = max(1, int(attention_mask[:, prompt_len:].sum(-1).max()))
+    response_width = int(attention_mask[:, prompt_len:].sum(-1).max())
+    if response_width < 2:
+        return None  # one-token responses: nothing to share (and stage 2 would be skipped)
     shared = len(first_rows) * (prompt_len - prompt_start) + batch_size * response_width
     plain = int(attention_mask.sum()) if padding_free else batch_size * seq_len
     if shared > MIN_TOKEN_SAVING * plain:
@@ -165,18 +167,14 @@ def forward_shared_prompts(model: torch.nn.Module, micro_batch: Dict[str, torch.
 
     # Stage 2: every response on its prompt's cache; position c predicts response token c + 1.
     rows, cols = torch.nonzero(valid, as_tuple=True)
-    picks = [first_logits[group[rows[cols == 0]]]]
-    if plan.response_width > 1:
-        cache = _cache(model, [_ResponseLayer(layer.keys[group], layer.values[group]) for layer in cache.layers])
-        response_ids = input_ids[:, prompt_end:response_end - 1]
-        mask = torch.cat([prompt_mask[group], attention_mask[:, prompt_end:response_end - 1]], 1)
-        logits = model(input_ids=response_ids, attention_mask=mask,
-                       position_ids=model_position_ids(position_ids[..., prompt_end:response_end - 1]),
-                       past_key_values=cache, use_cache=False).logits  # (B, R' - 1, V)
-        later = cols > 0
-        picks.append(logits[rows[later], cols[later] - 1])
-    else:
-        later = torch.zeros_like(cols, dtype=torch.bool)
+    cache = _cache(model, [_ResponseLayer(layer.keys[group], layer.values[group]) for layer in cache.layers])
+    response_ids = input_ids[:, prompt_end:response_end - 1]
+    mask = torch.cat([prompt_mask[group], attention_mask[:, prompt_end:response_end - 1]], 1)
+    logits = model(input_ids=response_ids, attention_mask=mask,
+                   position_ids=model_position_ids(position_ids[..., prompt_end:response_end - 1]),
+                   past_key_values=cache, use_cache=False).logits  # (B, R' - 1, V)
+    later = cols > 0
+    picks = [first_logits[group[rows[~later]]], logits[rows[later], cols[later] - 1]]
     # Back to the (rows, cols) order of `valid`: the col-0 picks first, then the others.
     order = torch.cat([torch.nonzero(~later).squeeze(-1), torch.nonzero(later).squeeze(-1)])
     logits = torch.cat(picks)[torch.argsort(order)]
