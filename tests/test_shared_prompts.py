@@ -122,13 +122,18 @@ def test_make_micro_batches_keeps_a_prompts_rows_together_under_a_token_budget()
     from mtrl.agents.parallel_policy_agent import make_micro_batches
 
     batch = grouped_rows()
-    budget = 3 * int(batch.tensors["attention_mask"].sum(-1).max())
+    budget = int(batch.tensors["attention_mask"].sum(-1).view(-1, 4).sum(-1).max())  # the largest group fits
     rows_only = make_micro_batches(batch, 1, True, budget)
     grouped = make_micro_batches(batch, 1, True, budget, keep_groups=True)
     assert any(len({r // 4 for r in rows}) > 1 for _, rows in rows_only)  # the row-level budget splits prompts
     for _, rows in grouped:
         assert all(r // 4 * 4 + k in rows for r in rows for k in range(4))  # every group whole
     assert sorted(r for _, rows in grouped for r in rows) == list(range(len(batch)))
+    # A group over the budget is cut into pieces within it (the budget bounds a micro-batch's memory).
+    lengths = batch.tensors["attention_mask"].sum(-1)
+    small = int(lengths[:4].sum()) - 1
+    for _, rows in make_micro_batches(batch, 1, True, small, keep_groups=True):
+        assert int(lengths[rows].sum()) <= small
 
 
 @pytest.mark.parametrize("micro_batch_size, dynamic", [(12, False), (5, False), (1, True)])

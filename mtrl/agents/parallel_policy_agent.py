@@ -48,10 +48,7 @@ def make_micro_batches(batch: DataBatch, micro_batch_size: int, dynamic: bool, m
     lengths = batch.tensors["attention_mask"].sum(-1).tolist()
     units = [[i] for i in range(len(batch))]
     if keep_groups and "uid" in batch.non_tensors:
-        by_uid: Dict[object, List[int]] = {}
-        for i, uid in enumerate(batch.non_tensors["uid"]):
-            by_uid.setdefault(uid, []).append(i)
-        units = list(by_uid.values())
+        units = _groups_within_budget(batch.non_tensors["uid"], lengths, max_token_len)
     unit_lengths = [sum(lengths[i] for i in unit) for unit in units]
     count = torch.tensor(num_micro_batches_by_token_budget(unit_lengths, max_token_len))
     if dist.is_initialized():
@@ -61,6 +58,24 @@ def make_micro_batches(batch: DataBatch, micro_batch_size: int, dynamic: bool, m
     parts = micro_batches_by_token_budget(unit_lengths, max_token_len, min_num_micro_batches=int(count))
     groups = [sorted(i for u in part for i in units[u]) for part in parts]
     return [(batch.index(g), g) for g in groups]
+
+
+def _groups_within_budget(uids, lengths: List[int], max_token_len: int) -> List[List[int]]:
+    """The rows of each uid, a group over the token budget cut into consecutive pieces that fit it."""
+    by_uid: Dict[object, List[int]] = {}
+    for i, uid in enumerate(uids):
+        by_uid.setdefault(uid, []).append(i)
+    units: List[List[int]] = []
+    for rows in by_uid.values():
+        units.append([])
+        tokens = 0
+        for i in rows:
+            if units[-1] and tokens + lengths[i] > max_token_len:
+                units.append([])
+                tokens = 0
+            units[-1].append(i)
+            tokens += lengths[i]
+    return units
 
 
 def global_normalisers(mini_batch: DataBatch, device: torch.device) -> Dict[str, float]:
