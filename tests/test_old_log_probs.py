@@ -209,7 +209,10 @@ def test_auto_skips_the_pass_on_policy_with_the_same_step(cli, workers):
     auto = run(cli, f"auto-{workers}", *TPRL_OFF, *WORKERS[workers])
     assert "timing/old_log_probs" in recomputed[0] and "timing/old_log_probs" not in auto[0]
     assert recomputed[0]["actor/grad_norm"] > 1e-3
-    assert_same_step(recomputed, auto, weight_atol=1e-6)
+    # The recomputed pass and the update cut the rows into different micro-batches, and a shared-prompt forward
+    # pads each to its longest response: pi_old and the update's log-probs then differ by float rounding (~1e-7),
+    # which one Adam step turns into weight differences up to ~1e-6 (measured 1.2e-6 at most).
+    assert_same_step(recomputed, auto, weight_atol=3e-6)
 
 
 @pytest.mark.slow
