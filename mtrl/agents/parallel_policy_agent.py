@@ -165,7 +165,9 @@ class ParallelPolicyAgent:
         response_length = mb.tensors["responses"].shape[1]
         outputs = dict(temperature=temperature, return_entropy=return_entropy or entropy_bonus,
                        entropy_grad=entropy_bonus, return_logits=return_logits)
-        plan = self._shared_prompt_plan(tensors, vision, response_length) if self.share_prompts else None
+        # A vision transform (the perception pass's) makes every row's images its own: nothing to share.
+        shared = self.share_prompts and transform_vision is None
+        plan = self._shared_prompt_plan(tensors, vision, response_length) if shared else None
         if plan is not None:
             return forward_shared_prompts(self.model, tensors, vision, response_length, plan, **outputs)
         with self.sp.active():
