@@ -358,6 +358,8 @@ def write_results(args, argv, load_before: str, load_after: str, results: Dict[s
                     "top_k": "off", "dtype": "fp32", "device": "cpu",
                     "mtrl_old_log_probs": "GRPO auto (the update's own forward), TPRL rollout (recorded by the "
                                           "hf engine while generating)",
+                    "mtrl_share_prompts": "on (the default: each prompt's forward runs once for its G responses "
+                                          "in the update; TRL runs every row's prompt)",
                     "processes": 1 if args.workers == 1 else f"1 (and {args.workers} MTRL worker processes in "
                                                              f"mtrl_grpo_{args.workers}w, each 1/{args.workers} of "
                                                              "every batch, same global batch)",
