@@ -356,6 +356,8 @@ def write_results(args, argv, load_before: str, load_after: str, results: Dict[s
                     "algorithm": "GRPO, group-normalised advantages, no reference model, no KL (beta=0)",
                     "updates_per_rollout": 1, "lr": args.lr, "temperature": args.temperature, "top_p": 1.0,
                     "top_k": "off", "dtype": "fp32", "device": "cpu",
+                    "optimizer": "AdamW, torch's fused kernel (TRL: transformers' default adamw_torch_fused; MTRL: "
+                                 "build_optimizer)",
                     "mtrl_old_log_probs": "GRPO auto (the update's own forward), TPRL rollout (recorded by the "
                                           "hf engine while generating)",
                     "mtrl_share_prompts": "on (the default: each prompt's forward runs once for its G responses "
