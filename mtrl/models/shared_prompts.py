@@ -130,7 +130,7 @@ def shared_prompt_plan(micro_batch: Dict[str, torch.Tensor], multi_modal_inputs:
     prompt_start = int(attention_mask[first_rows, :prompt_len].bool().any(0).int().argmax())
     response_width = int(attention_mask[:, prompt_len:].sum(-1).max())
     if response_width < 2:
-        return None  # one-token responses: nothing to share (and stage 2 would be skipped)
+        return None  # one-token responses: the prompts alone give every log-prob, at no saving
     shared = len(first_rows) * (prompt_len - prompt_start) + batch_size * response_width
     plain = int(attention_mask.sum()) if padding_free else batch_size * seq_len
     if shared > MIN_TOKEN_SAVING * plain:
