@@ -19,7 +19,7 @@ from mtrl.utils.dataset import build_dataloader, build_dataset
 from mtrl.utils.errors import UserError
 from mtrl.utils.sft_dataset import build_sft_dataset
 from mtrl.utils.shapes_task import task_corpus
-from mtrl.workers.actor.actor_worker import ActorRolloutRefWorker
+from mtrl.workers.actor.actor_worker import PERCEPTION_INPUTS, ActorRolloutRefWorker
 from shapes_assets import assets_root, shapes_task
 
 
@@ -80,8 +80,9 @@ def rollout(worker, config, prompts: int = 4):
 
 
 def dependency(worker, batch):
+    """Clean and perturbed log-probs, the perturbed ones from only the columns the controller sends the pass."""
     clean = worker.compute_log_probs(batch).tensors["old_log_probs"]
-    perturbed = worker.compute_perception(batch).tensors["aug_log_probs"]
+    perturbed = worker.compute_perception(batch.select(PERCEPTION_INPUTS)).tensors["aug_log_probs"]
     mask = batch.tensors["response_mask"]
     return clean, perturbed, compute_visual_dependency(clean, perturbed, mask), mask.bool()
 
@@ -97,7 +98,7 @@ def test_perception_pass_changes_the_log_probs(process_group, arch):
     assert not torch.allclose(clean[mask], perturbed[mask])
     assert float(scores[mask].mean()) > 0
     assert torch.equal(scores[~mask], torch.zeros_like(scores[~mask]))
-    # The perturbation is seeded per response: the same pass again gives the same log-probs.
+    # The perturbation is seeded per response: the same pass again (on the whole batch) gives the same log-probs.
     assert torch.equal(worker.compute_perception(batch).tensors["aug_log_probs"], perturbed)
 
 

@@ -298,7 +298,10 @@ class DistributedTrainer(Trainer):
 
     def _perception_pass(self, batch: DataBatch, order: Optional[List[int]]) -> None:
         """The actor's perception pass (perturbed-image log-probs, or exact dependency); po.apply_tprl uses it."""
-        batch.union(self._dp(self.actor_wg.compute_perception, batch, order))
+        from mtrl.workers.actor.actor_worker import PERCEPTION_INPUTS  # imported with the worker class already
+
+        inputs = batch.select([k for k in PERCEPTION_INPUTS if k in batch])
+        batch.union(self._dp(self.actor_wg.compute_perception, inputs, order))
 
     def _compute_advantages(self, batch: DataBatch) -> Dict[str, float]:
         opt = self.config.optimization

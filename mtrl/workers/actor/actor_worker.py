@@ -12,7 +12,7 @@ from typing import Dict
 
 import torch
 
-from mtrl.agents.parallel_policy_agent import ParallelPolicyAgent
+from mtrl.agents.parallel_policy_agent import FORWARD_KEYS, ParallelPolicyAgent
 from mtrl.config.worker import WorkerRunConfig
 from mtrl.models import lora
 from mtrl.models.dtypes import resolve_dtype
@@ -29,6 +29,10 @@ from mtrl.workers.fsdp_worker import FSDPWorker
 from mtrl.workers.rollout import SamplingParams, check_engine_available
 from mtrl.workers.rollout.hf_engine import HFRolloutEngine
 from mtrl.workers.rollout.weight_sync import RolloutWeightSync
+
+# The columns the perception pass reads (the forward's, the response mask for `full_kl`, the vision inputs and
+# the uids that seed each sample's perturbation): the controller sends it only these.
+PERCEPTION_INPUTS = (*FORWARD_KEYS, "response_mask", "multi_modal_inputs", "sample_uid")
 
 
 def _row_position_ids(model_config, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm) -> torch.Tensor:

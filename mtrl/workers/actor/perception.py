@@ -9,7 +9,8 @@ perturbation is applied directly to `pixel_values`, with no image re-processing.
 the same way in `pixel_values_videos` (per `video_grid_thw`), each temporal patch getting its own cells.
 """
 
-from typing import Dict, Optional, Sequence
+import functools
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,37 +28,41 @@ def patches_per_cell(perception_patch_size: Optional[int], vision_patch_size: in
     return perception_patch_size // vision_patch_size
 
 
-def black_row(row_len: int, image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
-    """The pixel_values row of an all-black cell: per channel (0 - mean) / std, channel-major."""
+@functools.lru_cache(maxsize=16)
+def black_row(row_len: int, image_mean: Tuple[float, ...], image_std: Tuple[float, ...]) -> torch.Tensor:
+    """The pixel_values row of an all-black cell: per channel (0 - mean) / std, channel-major (read-only:
+    cached, it is shared by every call)."""
     channels = len(image_mean)
     per_channel = torch.tensor([-m / s for m, s in zip(image_mean, image_std)], dtype=torch.float32)
     return per_channel.repeat_interleave(row_len // channels)
 
 
-def cell_ids(grid_thw: Sequence[int], merge_size: int, patches_per_cell: int) -> torch.Tensor:
-    """For each pixel_values row of one image, the id of the (frame, cell_row, cell_col) it belongs to."""
-    t, h, w = (int(x) for x in grid_thw)
+@functools.lru_cache(maxsize=256)
+def cell_ids(grid_thw: Tuple[int, int, int], merge_size: int, patches_per_cell: int) -> Tuple[torch.Tensor, int]:
+    """For each pixel_values row of one image, the id of the (frame, cell_row, cell_col) it belongs to, and the
+    number of cells. Cached by grid (read-only): a batch's images mostly share a few sizes."""
+    t, h, w = grid_thw
     m = merge_size
     tt, bh, bw, i, j = torch.meshgrid(torch.arange(t), torch.arange(h // m), torch.arange(w // m),
                                       torch.arange(m), torch.arange(m), indexing="ij")
     rows, cols = (bh * m + i) // patches_per_cell, (bw * m + j) // patches_per_cell
     n_rows, n_cols = -(-h // patches_per_cell), -(-w // patches_per_cell)
-    return ((tt * n_rows + rows) * n_cols + cols).reshape(-1)
+    return ((tt * n_rows + rows) * n_cols + cols).reshape(-1), t * n_rows * n_cols
 
 
 def blacken_patches(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *, merge_size: int,
                     patches_per_cell: int, mask_prob: float, black: torch.Tensor,
                     generator: torch.Generator) -> torch.Tensor:
-    """Each cell of each image independently set to black with probability `mask_prob`."""
-    out = pixel_values.clone()
-    start = 0
+    """Each cell of each image independently set to black with probability `mask_prob` (one draw per cell,
+    image by image, from `generator`)."""
+    dropped_rows = []
     for grid in image_grid_thw.tolist():
-        ids = cell_ids(grid, merge_size, patches_per_cell)
-        dropped = torch.rand(int(ids.max()) + 1, generator=generator) < mask_prob
-        rows = torch.nonzero(dropped[ids]).squeeze(1) + start
-        out[rows] = black.to(out.dtype)
-        start += ids.numel()
-    return out
+        ids, n_cells = cell_ids(tuple(grid), merge_size, patches_per_cell)
+        dropped_rows.append((torch.rand(n_cells, generator=generator) < mask_prob)[ids])
+    if not dropped_rows:
+        return pixel_values
+    dropped = dropped_rows[0] if len(dropped_rows) == 1 else torch.cat(dropped_rows)
+    return torch.where(dropped.unsqueeze(1), black.to(pixel_values.dtype), pixel_values)
 
 
 def perturb_images(multi_modal_inputs: Dict[str, torch.Tensor], *, seed: int, merge_size: int,
@@ -75,5 +80,6 @@ def perturb_images(multi_modal_inputs: Dict[str, torch.Tensor], *, seed: int, me
             values = multi_modal_inputs[key]
             out[key] = blacken_patches(values, multi_modal_inputs[grid_key], merge_size=merge_size,
                                        patches_per_cell=patches_per_cell, mask_prob=mask_prob,
-                                       black=black_row(values.shape[1], mean, std), generator=generator)
+                                       black=black_row(values.shape[1], tuple(mean), tuple(std)),
+                                       generator=generator)
     return out
