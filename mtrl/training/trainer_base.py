@@ -303,10 +303,11 @@ def _resume_hint(config: MTRLConfig) -> str:
 
 
 def run_training(config: MTRLConfig, trainer_cls, export_dir: Optional[str] = None) -> int:
-    """Start Ray, train (or validate) with `trainer_cls(config, export_dir)`, shut Ray down (unless it was running already,
-    e.g. between the stages of mtrl/training/stages.py). Returns the exit code: 0, 1 when a worker process died
-    (the message names it, the phase and how to resume), 2 for a user error, 128 + signal number when
-    SIGTERM / SIGINT stopped the run."""
+    """Start Ray, train (or validate) with `trainer_cls(config, export_dir)`, shut Ray down (unless it was running
+    already, e.g. between the stages of mtrl/training/stages.py). The trainer's workers start first, from the
+    config (`Trainer.start_workers`), and are stopped if the trainer cannot be built. Returns the exit code: 0, 1
+    when a worker process died (the message names it, the phase and how to resume), 2 for a user error,
+    128 + signal number when SIGTERM / SIGINT stopped the run."""
     import ray
 
     from mtrl.single_controller import WorkerDiedError
