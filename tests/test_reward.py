@@ -363,6 +363,34 @@ def test_ray_path_matches_local_path_with_two_actors(tmp_path, ray_cluster):
         assert torch.equal(local[0], remote[0]) and local[1] == remote[1]
 
 
+
+def test_started_actors_are_the_ones_compute_uses_with_the_same_scores(tmp_path, ray_cluster):
+    """`start()` (the trainer's, at set-up) creates the actors without waiting; `compute` waits for those, scores as
+    the local path does, and `shutdown` kills them even when no compute ran."""
+    write(tmp_path, "r.py", LENGTH_REWARD)
+    config = RewardConfig(reward_fn_path="r.py", reward_fn_kwargs={"bonus": 0.25}, num_cpus=2, timeout_s=60)
+    batch = make_batch(["x" * i for i in range(5)], ["xx"] * 5)
+    local = RewardManager(config, str(tmp_path), use_ray=False).compute(batch)
+    with RewardManager(config, str(tmp_path)) as manager:
+        manager.start()
+        started = list(manager._starting)
+        assert len(started) == 2 and manager._actors is None
+        manager.start()  # once only
+        assert manager._starting == started
+        remote = manager.compute(batch)
+        assert manager._actors == started and manager._starting is None
+    assert torch.equal(local[0], remote[0]) and local[1] == remote[1]
+    unused = RewardManager(config, str(tmp_path))
+    unused.start()
+    actors = list(unused._starting)
+    unused.shutdown()
+    assert unused._starting is None
+    with pytest.raises(ray_cluster.exceptions.RayActorError):
+        ray_cluster.get(actors[0].ready.remote(), timeout=60)
+    local_manager = RewardManager(config, str(tmp_path), use_ray=False)
+    local_manager.start()
+    assert local_manager._starting is None  # the local path starts nothing
+
 def test_ray_path_reports_the_failing_sample_and_timeouts(tmp_path, ray_cluster):
     write(tmp_path, "r.py", """
     import math, time

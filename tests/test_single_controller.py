@@ -364,3 +364,34 @@ def test_colocated_roles_share_a_process_then_shutdown(ray_session):
         time.sleep(0.2)
     assert not alive and cpus == cpus_before
     assert pool._placement_groups is None
+
+
+def test_a_started_group_creates_rank_0_at_once_and_the_others_when_waited_for(ray_session):
+    """`RayWorkerGroup.start` requests the placement group and creates rank 0 without waiting; `result()` creates
+    the other ranks with rank 0's rendezvous and is the group (once). An unused start releases everything."""
+    cpus_before = ray.available_resources().get("CPU", 0)
+    starting = RayWorkerGroup.start(RayResourcePool([2], use_gpu=False), RayClassWithInitArgs(EchoWorker, tag="s"),
+                                    name_prefix="early")
+    assert len(starting.actors) == 1
+    group = starting.result()
+    try:
+        assert starting.result() is group and len(group.workers) == 2
+        infos = group.whoami()
+        assert [i["rank"] for i in infos] == [0, 1] and {i["tag"] for i in infos} == {"s"}
+        assert group.all_reduce_ranks() == [(3.0, "gloo", 2)] * 2  # the ranks found each other
+    finally:
+        group.shutdown()
+    unused = RayWorkerGroup.start(RayResourcePool([2], use_gpu=False), RayClassWithInitArgs(EchoWorker),
+                                  name_prefix="unused")
+    rank0 = unused.actors[0]
+    unused.shutdown()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(rank0.__ray_ready__.remote(), timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        alive = [n for n in ray.util.list_named_actors() if n.startswith(("early_", "unused_"))]
+        if not alive and ray.available_resources().get("CPU", 0) == cpus_before:
+            break
+        time.sleep(0.2)
+    assert not alive and ray.available_resources().get("CPU", 0) == cpus_before
+    assert unused.pool._placement_groups is None

@@ -13,6 +13,10 @@ The old log-probs + entropy come from the actor's own pass, or from the rollout 
 per rollout and nothing before the update reads them) from the update's forward, which then also computes the
 entropy and rollout-correction metrics and weights (`worker.actor.old_log_probs`, `_old_log_prob_source`).
 
+Start-up: `run_training` starts the worker processes from the config (`start_workers`) before this process plans
+the memory, loads the tokenizer and builds the datasets; `init_workers` starts the reward actors, waits for the
+workers and builds the models.
+
 Decisions that need the whole batch (group baselines, TPRL's batch-wide min/max) are made here,
 so results do not depend on the number of workers.
 """
@@ -30,6 +34,7 @@ from mtrl.training.trainer_base import Trainer, uses_gpu
 from mtrl.training.training_config import MTRLConfig
 from mtrl.training.worker_run_config import build_worker_run_config
 from mtrl.utils.dataset import PROMPT_NON_TENSORS, build_dataloader, build_dataset
+from mtrl.utils.errors import UserError
 from mtrl.utils.logger import get_logger
 from mtrl.workers.actor.perception import patches_per_cell
 from mtrl.workers.reward import RewardManager, reward_metrics, token_level_scores
@@ -47,13 +52,26 @@ class DistributedTrainer(Trainer):
         if opt.needs_perception_pass and image_processor is not None:  # fail here, not in a worker's first step
             patches_per_cell(opt.perception_patch_size, image_processor.patch_size)
         self.rewards = self._build_rewards()
-        self.use_critic = opt.advantage_estimator == "gae" and not config.training.val_only
-        self.use_reference = not opt.disable_divergence and not config.training.val_only
+        self.use_critic = self._uses_critic(config)
+        self.use_reference = self._uses_reference(config)
         self.divergence = po.build_divergence_controller(opt.divergence_type, opt.divergence_coef,
                                                          opt.divergence_target, opt.divergence_horizon)
         self.entropy_bonus = po.EntropyBonusController(opt.entropy_bonus_type, opt.entropy_bonus_coef,
                                                        opt.entropy_target, opt.entropy_bonus_step)
         self.worker_group = None
+
+    @classmethod
+    def _uses_critic(cls, config: MTRLConfig) -> bool:
+        return config.optimization.advantage_estimator == "gae" and not config.training.val_only
+
+    @classmethod
+    def _uses_reference(cls, config: MTRLConfig) -> bool:
+        return not config.optimization.disable_divergence and not config.training.val_only
+
+    def _start_rewards(self) -> None:
+        """The reward actors' processes start now, alongside the workers' (the first step scores rewards)."""
+        if hasattr(self.rewards, "start"):
+            self.rewards.start()
 
     def build_val_loader(self):
         d = self.config.dataset
@@ -98,28 +116,52 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ workers
 
-    def init_workers(self) -> None:
+    @classmethod
+    def start_workers(cls, config: MTRLConfig):
+        """The worker group started from the config alone (see Trainer.start_workers), or None when it needs the
+        trainer: a reward model's roles (reward_type=model), the vLLM engine's media limit read from the datasets,
+        an adapter this machine cannot run (init_workers reports it, as without an early start)."""
+        w = config.worker
+        if w.reward.reward_type == "model" or (w.rollout.name == "vllm" and not w.rollout.limit_mm_per_prompt):
+            return None
+        try:
+            return cls._start_worker_group(config, build_worker_run_config(config))
+        except UserError:
+            return None
+
+    @classmethod
+    def _start_worker_group(cls, config: MTRLConfig, run_config, extra_roles: Optional[Dict[str, Any]] = None):
+        """One colocated worker process per device with the actor (and critic, and `extra_roles`) roles, started
+        (StartingWorkerGroup: `.result()` is the group)."""
         from mtrl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup, \
             create_colocated_worker_cls
         from mtrl.workers.actor.actor_worker import ActorRolloutRefWorker
 
-        t = self.config.training
+        t = config.training
         use_gpu = uses_gpu(t)
-        lora.check_peft_supported(self.config.worker.actor.model, "cuda" if use_gpu else "cpu")
-        self.pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
-        run_config = build_worker_run_config(self.config)
-        rollout = run_config.worker.rollout
-        if rollout.name == "vllm" and not rollout.limit_mm_per_prompt and \
-                getattr(self.model_config, "vision_config", None) is not None:
-            rollout.limit_mm_per_prompt = self._media_per_prompt()
-        roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, run_config, with_ref=self.use_reference,
-                                               with_optimizer=not t.val_only)}
-        if self.use_critic:
+        lora.check_peft_supported(config.worker.actor.model, "cuda" if use_gpu else "cpu")
+        roles = {"actor": RayClassWithInitArgs(ActorRolloutRefWorker, run_config,
+                                               with_ref=cls._uses_reference(config), with_optimizer=not t.val_only)}
+        if cls._uses_critic(config):
             from mtrl.workers.critic.critic_worker import CriticWorker
             roles["critic"] = RayClassWithInitArgs(CriticWorker, run_config)
-        roles.update(getattr(self.rewards, "worker_roles", dict)())  # reward_type=model: the reward model
-        self.worker_group = RayWorkerGroup(self.pool, create_colocated_worker_cls(roles))
-        self.groups = self.worker_group.spawn(list(roles))
+        roles.update(extra_roles or {})
+        pool = RayResourcePool([t.n_gpus_per_node] * t.nnodes, use_gpu=use_gpu)
+        return RayWorkerGroup.start(pool, create_colocated_worker_cls(roles))
+
+    def init_workers(self) -> None:
+        self._start_rewards()
+        starting, self.starting_workers = self.starting_workers, None
+        if starting is None:
+            run_config = build_worker_run_config(self.config)
+            rollout = run_config.worker.rollout
+            if rollout.name == "vllm" and not rollout.limit_mm_per_prompt and \
+                    getattr(self.model_config, "vision_config", None) is not None:
+                rollout.limit_mm_per_prompt = self._media_per_prompt()
+            # reward_type=model: the reward model's roles join the actor's
+            starting = self._start_worker_group(self.config, run_config, getattr(self.rewards, "worker_roles", dict)())
+        self.worker_group = starting.result()
+        self.groups = self.worker_group.spawn()
         if hasattr(self.rewards, "attach"):
             self.rewards.attach(self.groups)
         self.actor_wg = self.groups["actor"]
@@ -141,6 +183,7 @@ class DistributedTrainer(Trainer):
         return groups
 
     def shutdown_workers(self) -> None:
+        super().shutdown_workers()
         self.rewards.shutdown()
         if self.worker_group is not None:
             self.worker_group.shutdown()

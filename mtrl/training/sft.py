@@ -19,7 +19,7 @@ lengths, and `val/*` from validation.
 """
 
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 from mtrl.protocol import DataBatch
 from mtrl.training.distributed_trainer import DistributedTrainer, length_metrics, mean_over_ranks, throughput_metrics
@@ -43,10 +43,16 @@ class NoRewards:
 
 
 class SFTTrainer(DistributedTrainer):
-    def __init__(self, config: MTRLConfig, export_dir: Optional[str] = None):
-        super().__init__(config, export_dir)
-        self.use_reference = False
-        self.use_critic = False
+    @classmethod
+    def _uses_reference(cls, config: MTRLConfig) -> bool:
+        return False
+
+    @classmethod
+    def _uses_critic(cls, config: MTRLConfig) -> bool:
+        return False
+
+    def _start_rewards(self) -> None:
+        pass  # they score validation only: their actors start when it first runs
 
     def build_train_loader(self):
         d = self.config.dataset

@@ -38,7 +38,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
@@ -247,8 +246,7 @@ def run_stages(config: MTRLConfig) -> int:
             print(f"[mtrl] stage {stage.index + 1}/{len(stages)}: {stage.name!r} ({stage.mode}) -> {stage.run_dir}")
             settings = stage.settings  # as configured: the run makes the config's paths absolute
             start = time.perf_counter()
-            rc = run_training(stage.config, trainer_cls=partial(trainer_class(stage.config),
-                                                                export_dir=stage.export_dir))
+            rc = run_training(stage.config, trainer_class(stage.config), export_dir=stage.export_dir)
             if rc != 0:
                 what = "stopped" if rc > 128 else "failed"
                 print(f"mtrl: stage {stage.name!r} {what} (exit {rc}); finished stages are kept and skipped "
@@ -270,4 +268,4 @@ def run(config: MTRLConfig) -> int:
     if config.stages:
         return run_stages(config)
     export_dir = None if config.training.mode == "rl" else os.path.join(config.training.run_dir, EXPORT_DIR)
-    return run_training(config, trainer_cls=partial(trainer_class(config), export_dir=export_dir))
+    return run_training(config, trainer_class(config), export_dir=export_dir)

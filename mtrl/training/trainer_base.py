@@ -1,5 +1,7 @@
 """The trainer skeleton every training mode shares: set-up, the fit loop, checkpoints, export, shutdown.
 
+    Trainer.start_workers(config)        (run_training) worker processes started from the config, if it can:
+                                         they start while the trainer is built
     Trainer(config, export_dir)          run folder, tokenizer / processor, data loaders, tracker
       fit()                              init_workers -> resume -> [validate] -> for each step:
                                          train_step, validate / save at their frequencies, log,
@@ -7,7 +9,7 @@
       shutdown()                         tracker, workers
 
 A trainer supplies only what differs: its data (`build_train_loader`, `build_val_loader`), its workers
-(`init_workers`, `worker_groups`: the groups whose state a checkpoint holds, by role), `train_step`,
+(`start_workers`, `init_workers`, `worker_groups`: the groups whose state a checkpoint holds, by role), `train_step`,
 `validate`, `export`, and extra controller state (`state_dict` / `load_state_dict`). The RL trainer
 (distributed_trainer.py), SFT (sft.py), CHORD (chord.py) and DPO / reward model (preference.py) do.
 
@@ -96,6 +98,7 @@ class Trainer:
         self.global_step = 0
         self.timing: Dict[str, float] = {}
         self.stop = StopFlag()  # run_training gives it the one its signal handlers set
+        self.starting_workers = None  # run_training gives it what `start_workers` started; init_workers takes it
 
     # ------------------------------------------------------------------ what a trainer supplies
 
@@ -112,6 +115,14 @@ class Trainer:
         short batch would give some ranks one step fewer, and FSDP would hang on the others' collectives."""
         d = self.config.dataset
         return build_dataloader(dataset, d.rollout_batch_size, shuffle=d.shuffle, seed=d.seed, drop_last=True)
+
+    @classmethod
+    def start_workers(cls, config: MTRLConfig):
+        """Start this trainer's worker group from the config alone, without waiting for it (a StartingWorkerGroup,
+        mtrl/single_controller/ray), so that its processes start (Python, torch, the model's code: seconds) while
+        the trainer plans the memory, loads the tokenizer and builds the datasets; None where the group needs the
+        trainer (init_workers then starts it)."""
+        return None
 
     def init_workers(self) -> None:
         raise NotImplementedError
@@ -130,7 +141,10 @@ class Trainer:
         self.worker_groups()["actor"].export_hf(path)
 
     def shutdown_workers(self) -> None:
-        pass
+        """Stop the workers (a subclass: its groups, after this); here the group started for it but not yet taken."""
+        starting, self.starting_workers = self.starting_workers, None
+        if starting is not None:
+            starting.shutdown()
 
     # ------------------------------------------------------------------ controller state
 
@@ -288,11 +302,12 @@ def _resume_hint(config: MTRLConfig) -> str:
             f"continues from the run folder's last checkpoint)")
 
 
-def run_training(config: MTRLConfig, trainer_cls) -> int:
-    """Start Ray, train (or validate) with `trainer_cls(config)`, shut Ray down (unless it was running already,
-    e.g. between the stages of mtrl/training/stages.py). Returns the exit code: 0, 1 when a worker process died
-    (the message names it, the phase and how to resume), 2 for a user error, 128 + signal number when
-    SIGTERM / SIGINT stopped the run."""
+def run_training(config: MTRLConfig, trainer_cls, export_dir: Optional[str] = None) -> int:
+    """Start Ray, train (or validate) with `trainer_cls(config, export_dir)`, shut Ray down (unless it was running
+    already, e.g. between the stages of mtrl/training/stages.py). The trainer's workers start first, from the
+    config (`Trainer.start_workers`), and are stopped if the trainer cannot be built. Returns the exit code: 0, 1
+    when a worker process died (the message names it, the phase and how to resume), 2 for a user error,
+    128 + signal number when SIGTERM / SIGINT stopped the run."""
     import ray
 
     from mtrl.single_controller import WorkerDiedError
@@ -300,17 +315,19 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
 
     started_ray = not ray.is_initialized()
     init_ray(num_cpus=max(4, config.training.world_size + config.worker.reward.num_cpus + 1))
-    trainer = None
+    trainer = starting = None
     try:
         with stop_on_signals() as stop:
             try:
                 ensure_builtin_assets(config)
                 absolutize_paths(config)
+                starting = trainer_cls.start_workers(config)  # they start while the trainer is built
                 from mtrl.tools.memory_plan import check_memory_at_startup  # noqa: PLC0415
 
                 check_memory_at_startup(config, on_gpu=uses_gpu(config.training))
-                trainer = trainer_cls(config)
+                trainer = trainer_cls(config, export_dir)
                 trainer.stop = stop
+                trainer.starting_workers, starting = starting, None  # the trainer's now (its shutdown stops them)
                 final = trainer.fit()
             except StopRequested as stopped:
                 print(f"mtrl: {stopped}", file=sys.stderr)
@@ -322,6 +339,8 @@ def run_training(config: MTRLConfig, trainer_cls) -> int:
                 print(f"mtrl: error: {e}. {_resume_hint(config)}", file=sys.stderr)
                 return 1
             finally:
+                if starting is not None:  # the trainer was not built: nothing will use them
+                    starting.shutdown()
                 if trainer is not None:
                     trainer.shutdown()
                 if started_ray:

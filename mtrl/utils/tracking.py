@@ -43,7 +43,8 @@ import sys
 import time
 from typing import IO, Any, Dict, List, Optional, Sequence
 
-from mtrl.utils.checkpoint import atomic_write
+# Nothing heavy at import: the config module reads LOGGER_NAMES from here, and a config error should come back
+# in a fraction of a second (mtrl.utils.checkpoint, which imports torch, is imported where it is used).
 
 LOGGER_NAMES = ("console", "file", "wandb", "mlflow", "tensorboard")
 RUNS_FILE = "tracker_runs.json"  # {backend: run id} of the run directory's wandb / mlflow runs
@@ -223,6 +224,8 @@ def _keep_rows_up_to(path: str, step: int) -> None:
                 continue
             if isinstance(row_step, int) and row_step <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
+    from mtrl.utils.checkpoint import atomic_write  # noqa: PLC0415
+
     atomic_write(path, "".join(kept))
 
 
@@ -443,6 +446,8 @@ class Tracker:
         runs = {name: b.run_id for name, b in self.backends.items() if getattr(b, "run_id", None)}
         if not runs:
             return
+        from mtrl.utils.checkpoint import atomic_write  # noqa: PLC0415
+
         atomic_write(os.path.join(self.run_dir, RUNS_FILE), json.dumps({**self.saved_run_ids(), **runs}, indent=1))
 
     def log(self, metrics: Dict[str, float], step: int) -> None:

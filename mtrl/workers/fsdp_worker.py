@@ -4,6 +4,7 @@ its process (`FSDPWorker.setup_process`) and the one model builder (`build_fsdp_
 FSDP2 itself is applied in one place, `fsdp_utils.apply_fsdp2`, which the builder calls last.
 """
 
+import importlib
 import os
 from typing import List, Optional, Tuple
 
@@ -128,6 +129,10 @@ class FSDPWorker(Worker):
         self.tokenizer = self.processor = None
         self.pad_token_id = 0
         self.memory = PhaseMemory(self.device)
+        # transformers' processor classes (its processing and image modules, torchvision: seconds of imports) are
+        # imported in the actor's constructor, which runs while the driver still sets up, not in `setup_process`
+        # (init_model), which the driver waits for.
+        importlib.import_module("transformers.models.auto.processing_auto")
 
     def setup_process(self, tokenizer_path: Optional[str] = None) -> None:
         """Join the process group, seed torch, silence download bars, load the tokenizer / processor (if asked)."""

@@ -5,6 +5,8 @@
     group = RayWorkerGroup(pool, RayClassWithInitArgs(MyWorker, config))
     group.some_registered_method(batch)        # dispatched per the method's @register mode
     group.shutdown()
+    starting = RayWorkerGroup.start(pool, ...)  # processes start while this one does other work
+    group = starting.result()                   # waits for them; starting.shutdown() if unused
 
 Colocated roles (one process per device holding several workers):
 
@@ -51,6 +53,10 @@ DEFAULT_WORKER_ENV = {
 # The object store of a local Ray started by init_ray, unless given: big enough for batches with
 # images, small enough for a shared machine (Ray's own default is 30% of RAM, as /dev/shm).
 DEFAULT_OBJECT_STORE_MEMORY = 2 * 1024**3
+# A local Ray started by init_ray: no idle worker processes started ahead for the driver (Ray's default starts
+# one per CPU). Every MTRL actor has a runtime_env of its own (per-rank variables; the reward actors' PYTHONPATH),
+# which such a process cannot take, so they only took CPU from the start-up of the processes that are used.
+LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 PLACEMENT_GROUP_TIMEOUT_S = 300.0
 
 
@@ -60,7 +66,8 @@ def init_ray(num_cpus: Optional[int] = None, object_store_memory: Optional[int] 
 
     With RAY_ADDRESS set (e.g. `auto` or `ray://head:10001`), join that cluster -- the multi-node case;
     its resources are the cluster's. Otherwise start a local Ray without dashboard, with `num_cpus`
-    logical CPUs (may exceed the physical cores: workers mostly wait) and a small object store.
+    logical CPUs (may exceed the physical cores: workers mostly wait), a small object store and no idle
+    worker processes started ahead (LOCAL_SYSTEM_CONFIG).
     `env_vars` reach every worker process of the job (merged under the per-actor variables).
     """
     if ray.is_initialized():
@@ -76,9 +83,10 @@ def init_ray(num_cpus: Optional[int] = None, object_store_memory: Optional[int] 
     else:
         # address="local": always a new private cluster. Without it ray.init() attaches to any cluster
         # a `ray start` left running on this machine (and then rejects num_cpus).
+        system_config = {**LOCAL_SYSTEM_CONFIG, **ray_init_kwargs.pop("_system_config", {})}
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
                  object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_MEMORY,
-                 runtime_env=runtime_env, **ray_init_kwargs)
+                 runtime_env=runtime_env, _system_config=system_config, **ray_init_kwargs)
 
 
 # ---------------------------------------------------------------------- resources
@@ -87,8 +95,8 @@ def init_ray(num_cpus: Optional[int] = None, object_store_memory: Optional[int] 
 class RayResourcePool:
     """Reserves `process_on_nodes[i]` worker slots on node i, one placement group per node.
 
-    The placement groups are created on first use (`placement_groups`), waiting at most
-    PLACEMENT_GROUP_TIMEOUT_S for the cluster to have the resources.
+    The placement groups are requested by `reserve()` (or on first use) and waited for on first use
+    (`placement_groups`, `slots()`): at most PLACEMENT_GROUP_TIMEOUT_S for the cluster to have the resources.
     """
 
     def __init__(self, process_on_nodes: List[int], use_gpu: bool, num_cpus_per_worker: float = 1,
@@ -102,6 +110,7 @@ class RayResourcePool:
         self.num_cpus_per_worker = num_cpus_per_worker
         self.name_prefix = name_prefix
         self._placement_groups: Optional[List[PlacementGroup]] = None
+        self._ready = False
 
     @property
     def world_size(self) -> int:
@@ -115,11 +124,21 @@ class RayResourcePool:
         """The resources of one worker slot."""
         return {"CPU": self.num_cpus_per_worker, "GPU": 1} if self.use_gpu else {"CPU": self.num_cpus_per_worker}
 
-    @property
-    def placement_groups(self) -> List[PlacementGroup]:
+    def reserve(self) -> List[PlacementGroup]:
+        """Request the placement groups (once) without waiting for them: actors placed in them start when the
+        resources are there."""
         if self._placement_groups is None:
             self._placement_groups = self._create_placement_groups()
+            self._ready = False
         return self._placement_groups
+
+    @property
+    def placement_groups(self) -> List[PlacementGroup]:
+        groups = self.reserve()
+        if not self._ready:
+            self._wait_ready(groups)
+            self._ready = True
+        return groups
 
     def _nodes_with_room(self) -> List[str]:
         """One distinct alive node id per entry of `process_on_nodes`, each with room for that node's workers.
@@ -152,20 +171,22 @@ class RayResourcePool:
             selector = None if node_id is None else [{"ray.io/node-id": node_id}] * n
             groups.append(placement_group([self.bundle() for _ in range(n)], strategy="STRICT_PACK", name=name,
                                           bundle_label_selector=selector))
+        return groups
+
+    def _wait_ready(self, groups: List[PlacementGroup]) -> None:
         ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=PLACEMENT_GROUP_TIMEOUT_S)
         if len(ready) < len(groups):
-            for pg in groups:
-                remove_placement_group(pg)
+            self.remove()
             raise RuntimeError(
                 f"Ray could not reserve {self.process_on_nodes} workers per node with {self.bundle()} each "
                 f"within {PLACEMENT_GROUP_TIMEOUT_S:.0f}s; cluster resources: {ray.cluster_resources()}, "
                 f"available: {ray.available_resources()}")
-        return groups
 
-    def slots(self) -> Iterator[Tuple[int, PlacementGroup, int, int]]:
-        """(rank, placement group, bundle index = local rank, workers on that node), in rank order."""
+    def slots(self, wait: bool = True) -> Iterator[Tuple[int, PlacementGroup, int, int]]:
+        """(rank, placement group, bundle index = local rank, workers on that node), in rank order; with
+        `wait=False` the placement groups are only requested (`reserve`)."""
         rank = 0
-        for pg, n in zip(self.placement_groups, self.process_on_nodes):
+        for pg, n in zip(self.placement_groups if wait else self.reserve(), self.process_on_nodes):
             for local_rank in range(n):
                 yield rank, pg, local_rank, n
                 rank += 1
@@ -259,66 +280,116 @@ def _is_small_value(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, ray.ObjectRef))
 
 
+class StartingWorkerGroup:
+    """A `RayWorkerGroup` whose actors are being created (`RayWorkerGroup.start`): the placement groups are requested
+    and rank 0's actor is created, without waiting, so its process starts (Python, torch, the worker's module:
+    seconds) while the caller does other work. `result()` waits for the placement groups and rank 0's rendezvous
+    address, creates the other ranks with it, waits for every constructor and returns the group; `shutdown()`
+    stops what was started, for a caller that will not use it. A failure in `result()` stops it too."""
+
+    def __init__(self, pool: RayResourcePool, spec: RayClassWithInitArgs, name_prefix: Optional[str] = None,
+                 env_vars: Optional[Mapping[str, str]] = None) -> None:
+        self.name_prefix = name_prefix or f"mtrl_{uuid.uuid4().hex[:6]}"
+        self.pool, self.spec = pool, spec
+        self._remote_cls = ray.remote(spec.cls)
+        self._common_env = {"WORLD_SIZE": str(pool.world_size), USE_GPU_ENV: "1" if pool.use_gpu else "0"}
+        if pool.num_nodes == 1:
+            # All ranks on one machine: rendezvous over loopback, whatever the host's interfaces are.
+            self._common_env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
+        self._options = dict(spec.options)
+        self._runtime_env = dict(self._options.pop("runtime_env", None) or {})
+        self._user_env = {**self._runtime_env.pop("env_vars", {}), **(env_vars or {})}
+        self.actors: List[ray.actor.ActorHandle] = []
+        self._group: Optional["RayWorkerGroup"] = None
+        try:
+            first = next(pool.slots(wait=False))
+            # Rank 0 chooses the rendezvous. Blank what its process could inherit from the raylet (i.e. from
+            # the driver's environment at ray.init), or every group would reuse one stale port.
+            rank0 = self._create(first, {"MASTER_PORT": ""} if pool.num_nodes == 1 else
+                                 {"MASTER_ADDR": "", "MASTER_PORT": ""})
+            # Rank 0 picks a free port (and its node IP when multi-node) on its own machine.
+            self._master = rank0.get_master_addr_port.remote()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _create(self, slot: Tuple[int, PlacementGroup, int, int],
+                master: Mapping[str, str]) -> ray.actor.ActorHandle:
+        rank, pg, local_rank, local_world_size = slot
+        # Precedence: our defaults < the caller's env_vars < the rendezvous variables of this rank.
+        env = {**self._common_env, **{k: str(v) for k, v in self._user_env.items()}, **master, "RANK": str(rank),
+               "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world_size)}
+        options = {
+            "name": f"{self.name_prefix}_{self.spec.cls.__name__}_{rank}",
+            "num_cpus": self.pool.num_cpus_per_worker,
+            "num_gpus": 1 if self.pool.use_gpu else 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=local_rank),
+            **self._options,
+            "runtime_env": {**self._runtime_env, "env_vars": env},
+        }
+        actor = self._remote_cls.options(**options).remote(*self.spec.args, **self.spec.kwargs)
+        self.actors.append(actor)
+        return actor
+
+    def result(self) -> "RayWorkerGroup":
+        """The started group (waits for it once)."""
+        if self._group is None:
+            group = RayWorkerGroup.__new__(RayWorkerGroup)
+            group._adopt(self)
+            self._group = group
+        return self._group
+
+    def _wait(self) -> List[ray.actor.ActorHandle]:
+        try:
+            slots = list(self.pool.slots())  # waits for the placement groups
+            if len(slots) > 1:
+                addr, port = ray.get(self._master)
+                for slot in slots[1:]:
+                    self._create(slot, {"MASTER_ADDR": addr, "MASTER_PORT": str(port)})
+            # Surface constructor errors here rather than at the first method call.
+            ray.get([a.__ray_ready__.remote() for a in self.actors])
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.actors
+
+    def shutdown(self) -> None:
+        """Stop the actors created so far and release the placement groups (idempotent; a started group's own
+        `shutdown` is the one to use once `result()` returned)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        self.pool.remove()
+
+
 class RayWorkerGroup(WorkerGroup):
     """World-size Ray actors of one worker class, one per slot of `resource_pool`."""
 
     def __init__(self, resource_pool: RayResourcePool, ray_cls_with_init: RayClassWithInitArgs,
                  name_prefix: Optional[str] = None, env_vars: Optional[Mapping[str, str]] = None) -> None:
-        self.name_prefix = name_prefix or f"mtrl_{uuid.uuid4().hex[:6]}"
-        actors = self._create_actors(resource_pool, ray_cls_with_init, env_vars or {})
-        self._state = _GroupState(actors, resource_pool)
-        super().__init__(actors, ray_cls_with_init.cls)
-        if resource_pool.num_nodes > 1:
+        self._adopt(StartingWorkerGroup(resource_pool, ray_cls_with_init, name_prefix, env_vars))
+
+    def _adopt(self, starting: StartingWorkerGroup) -> None:
+        actors = starting._wait()
+        self.name_prefix = starting.name_prefix
+        self._state = _GroupState(actors, starting.pool)
+        super().__init__(actors, starting.spec.cls)
+        if starting.pool.num_nodes > 1:
             places = ", ".join(f"rank {r} on {node[:8]}" for r, node in enumerate(self.node_ids()))
-            logger.info(f"{self.name_prefix}: {len(actors)} workers on {resource_pool.num_nodes} nodes ({places})")
+            logger.info(f"{self.name_prefix}: {len(actors)} workers on {starting.pool.num_nodes} nodes ({places})")
+
+    @staticmethod
+    def start(resource_pool: RayResourcePool, ray_cls_with_init: RayClassWithInitArgs,
+              name_prefix: Optional[str] = None, env_vars: Optional[Mapping[str, str]] = None) -> StartingWorkerGroup:
+        """Create the group's actors without waiting for them (StartingWorkerGroup); `.result()` is the group."""
+        return StartingWorkerGroup(resource_pool, ray_cls_with_init, name_prefix, env_vars)
 
     def node_ids(self) -> List[str]:
         """The Ray node id each rank's process runs on, as the worker itself reports it (rank order)."""
         return ray.get([a.__ray_call__.remote(_node_id) for a in self._state.actors])
 
     # ------------------------------------------------------------------ creation
-
-    def _create_actors(self, pool: RayResourcePool, spec: RayClassWithInitArgs,
-                       env_vars: Mapping[str, str]) -> List[ray.actor.ActorHandle]:
-        remote_cls = ray.remote(spec.cls)
-        common_env = {"WORLD_SIZE": str(pool.world_size), USE_GPU_ENV: "1" if pool.use_gpu else "0"}
-        if pool.num_nodes == 1:
-            # All ranks on one machine: rendezvous over loopback, whatever the host's interfaces are.
-            common_env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
-        # Rank 0 chooses the rendezvous. Blank what its process could inherit from the raylet (i.e. from
-        # the driver's environment at ray.init), or every group would reuse one stale port.
-        master = {"MASTER_PORT": ""} if pool.num_nodes == 1 else {"MASTER_ADDR": "", "MASTER_PORT": ""}
-        extra_options = dict(spec.options)
-        runtime_env = dict(extra_options.pop("runtime_env", None) or {})
-        user_env = {**runtime_env.pop("env_vars", {}), **env_vars}
-        actors = []
-        try:
-            for rank, pg, local_rank, local_world_size in pool.slots():
-                # Precedence: our defaults < the caller's env_vars < the rendezvous variables of this rank.
-                env = {**common_env, **{k: str(v) for k, v in user_env.items()}, **master, "RANK": str(rank),
-                       "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world_size)}
-                options = {
-                    "name": f"{self.name_prefix}_{spec.cls.__name__}_{rank}",
-                    "num_cpus": pool.num_cpus_per_worker,
-                    "num_gpus": 1 if pool.use_gpu else 0,
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                        placement_group=pg, placement_group_bundle_index=local_rank),
-                    **extra_options,
-                    "runtime_env": {**runtime_env, "env_vars": env},
-                }
-                actor = remote_cls.options(**options).remote(*spec.args, **spec.kwargs)
-                actors.append(actor)
-                if rank == 0:
-                    # Rank 0 picks a free port (and its node IP when multi-node) on its own machine.
-                    addr, port = ray.get(actor.get_master_addr_port.remote())
-                    master = {"MASTER_ADDR": addr, "MASTER_PORT": str(port)}
-            # Surface constructor errors here rather than at the first method call.
-            ray.get([a.__ray_ready__.remote() for a in actors])
-        except BaseException:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
-            raise
-        return actors
 
     @classmethod
     def _view(cls, state: _GroupState, name_prefix: str, worker_cls: type, method_prefix: str) -> "RayWorkerGroup":

@@ -4,7 +4,8 @@ Where it runs
   * Ray path (Ray is initialised, or `use_ray=True`): `worker.reward.num_cpus` actors, each reserving
     one CPU, each holding its own copy of the reward function. One actor with `num_cpus` CPUs would
     not help: a Python reward function runs on one core per process (the GIL), so N single-CPU
-    processes are what actually use N cores. The batch is cut into contiguous chunks, one per actor,
+    processes are what actually use N cores. They start at the first `compute`, or ahead with `start()` (the
+    trainer does, so they start alongside its workers). The batch is cut into contiguous chunks, one per actor,
     scored concurrently and put back together in order. Scoring must finish within
     `worker.reward.timeout_s` (actor start-up has its own limit, ACTOR_START_TIMEOUT_S), otherwise
     the actors are killed (a hung function cannot be stopped any other way) and a `RewardError` is
@@ -152,6 +153,13 @@ class RewardManager:
                                                               config.reward_fn_kwargs, config.reward_type)
         self.use_ray = use_ray
         self._actors: Optional[List[Any]] = None
+        self._starting: Optional[List[Any]] = None  # created by `start`, not yet waited for
+
+    def start(self) -> None:
+        """On the Ray path, create the reward actors now rather than at the first `compute`, without waiting for
+        them: their processes then start while the trainer starts its workers. `compute` waits for them."""
+        if self._ray_enabled() and self._actors is None and self._starting is None:
+            self._starting = self._create_actors()
 
     # ------------------------------------------------------------------ public API
 
@@ -186,12 +194,13 @@ class RewardManager:
 
     def shutdown(self) -> None:
         """Kill the reward actors (if any). Safe to call more than once."""
-        if self._actors:
+        actors = (self._actors or []) + (self._starting or [])
+        if actors:
             import ray
 
-            for actor in self._actors:
+            for actor in actors:
                 ray.kill(actor, no_restart=True)
-        self._actors = None
+        self._actors = self._starting = None
 
     def __enter__(self) -> "RewardManager":
         return self
@@ -209,16 +218,21 @@ class RewardManager:
         # Do not import Ray just to learn that nobody started it.
         return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
-    def _ensure_actors(self) -> List[Any]:
-        if self._actors is not None:
-            return self._actors
+    def _create_actors(self) -> List[Any]:
         import ray
 
         actor_cls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=_actor_runtime_env())(RewardWorker)
         spec = f"{self.reward_fn.file}:{self.reward_fn.name}"
         form = "batch" if self.reward_fn.batched else "sequential"  # as resolved here, whatever the file declares
-        actors = [actor_cls.remote(spec, self.reward_fn.kwargs, form, self.config.on_error)
-                  for _ in range(self.config.num_cpus)]
+        return [actor_cls.remote(spec, self.reward_fn.kwargs, form, self.config.on_error)
+                for _ in range(self.config.num_cpus)]
+
+    def _ensure_actors(self) -> List[Any]:
+        if self._actors is not None:
+            return self._actors
+        import ray
+
+        actors, self._starting = self._starting or self._create_actors(), None
         start_timeout = max(ACTOR_START_TIMEOUT_S, self.config.timeout_s)
         try:
             ray.get([a.ready.remote() for a in actors], timeout=start_timeout)
