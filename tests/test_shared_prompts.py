@@ -3,6 +3,7 @@
 import torch
 import pytest
 
+from mtrl.models.loader import _enable_activation_checkpointing
 from mtrl.models.packing import forward_micro_batch
 from mtrl.models.shared_prompts import (
     forward_shared_prompts,
@@ -62,7 +63,7 @@ def test_log_probs_entropy_and_gradients_equal_the_plain_forward(tiny, arch):
     shared = lambda: forward_shared_prompts(model, tensors, mm_arg, R, plan, temperature=1.3)  # noqa: E731
     got = [gradients(shared)]
     keep_cache_under_checkpointing(model)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    _enable_activation_checkpointing(model)  # non-reentrant, under either name transformers 5 gives it
     model.train()
     got.append(gradients(shared))
     for grads in got:
