@@ -83,12 +83,6 @@ def keep_cache_under_checkpointing(model: torch.nn.Module) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def _cache(model: torch.nn.Module, layers: List[DynamicLayer]) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    cache.layers = layers
-    return cache
-
-
 def _same_vision(a: Optional[dict], b: Optional[dict]) -> bool:
     a, b = a or {}, b or {}
     return a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
@@ -158,7 +152,8 @@ def forward_shared_prompts(model: torch.nn.Module, micro_batch: Dict[str, torch.
     # and warning about it under activation checkpointing.)
     prompt_ids = input_ids[first, plan.prompt_start:prompt_end]
     prompt_mask = attention_mask[first, plan.prompt_start:prompt_end]
-    cache = _cache(model, [_PromptLayer() for _ in DynamicCache(config=model.config).layers])
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_PromptLayer() for _ in cache.layers]
     vision = None if multi_modal_inputs is None else [multi_modal_inputs[int(i)] for i in plan.first_rows]
     first_logits = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=model_position_ids(position_ids[first, ..., plan.prompt_start:prompt_end]),
@@ -167,12 +162,14 @@ def forward_shared_prompts(model: torch.nn.Module, micro_batch: Dict[str, torch.
 
     # Stage 2: every response on its prompt's cache; position c predicts response token c + 1.
     rows, cols = torch.nonzero(valid, as_tuple=True)
-    cache = _cache(model, [_ResponseLayer(layer.keys[group], layer.values[group]) for layer in cache.layers])
+    # A new cache object: a recomputed stage-1 layer (activation checkpointing) still finds its _PromptLayer.
+    copies = DynamicCache(config=model.config)
+    copies.layers = [_ResponseLayer(layer.keys[group], layer.values[group]) for layer in cache.layers]
     response_ids = input_ids[:, prompt_end:response_end - 1]
     mask = torch.cat([prompt_mask[group], attention_mask[:, prompt_end:response_end - 1]], 1)
     logits = model(input_ids=response_ids, attention_mask=mask,
                    position_ids=model_position_ids(position_ids[..., prompt_end:response_end - 1]),
-                   past_key_values=cache, use_cache=False).logits  # (B, R' - 1, V)
+                   past_key_values=copies, use_cache=False).logits  # (B, R' - 1, V)
     later = cols > 0
     picks = [first_logits[group[rows[~later]]], logits[rows[later], cols[later] - 1]]
     # Back to the (rows, cols) order of `valid`: the col-0 picks first, then the others.
